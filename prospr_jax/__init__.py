@@ -1,0 +1,50 @@
+"""prospr-jax: pruning neural networks at initialization in JAX.
+
+The core works on any ``loss_fn(params, batch) -> scalar`` and parameter pytree:
+
+* :func:`prospr_scores` / :func:`meta_gradient`: ProsPr (Alizadeh et al., ICLR 2022);
+* :func:`snip_scores`: SNIP, ProsPr with zero inner steps;
+* :func:`masks_from_scores`, :func:`apply_masks`, :func:`sparsity_report`: mask pytrees;
+* :func:`masked`: an optax transformation keeping pruned weights at exactly zero.
+"""
+
+from prospr_jax.masks import (
+    LayerCollapseWarning,
+    LayerSparsity,
+    SparsityReport,
+    apply_masks,
+    check_masks,
+    dense_masks,
+    kept_count,
+    masks_from_scores,
+    sparsity_report,
+)
+from prospr_jax.methods.snip import snip_scores
+from prospr_jax.optim import MaskedState, masked, masks_of, set_masks
+from prospr_jax.prospr import meta_gradient, prospr_scores, stack_batches
+from prospr_jax.prunable import default_prunable, forward_order, select_prunable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerCollapseWarning",
+    "LayerSparsity",
+    "MaskedState",
+    "SparsityReport",
+    "apply_masks",
+    "check_masks",
+    "default_prunable",
+    "dense_masks",
+    "forward_order",
+    "kept_count",
+    "masked",
+    "masks_from_scores",
+    "masks_of",
+    "meta_gradient",
+    "prospr_scores",
+    "select_prunable",
+    "set_masks",
+    "snip_scores",
+    "sparsity_report",
+    "stack_batches",
+]

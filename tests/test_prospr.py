@@ -1,0 +1,215 @@
+"""ProsPr meta-gradient scores checked against independent computations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prospr_jax as pj
+from tiny_models import batch_at, mlp_batches, mlp_loss, mlp_params, scale_entry, unrolled_meta_loss
+
+LR = 0.3
+ENTRIES = [("layer0", (0, 0)), ("layer0", (3, 2)), ("layer1", (1, 1)), ("layer1", (4, 0)), ("layer0", (2, 4))]
+
+
+def _finite_difference(params, batches, num_steps, layer, index, eps=1e-5, **kw):
+    plus = unrolled_meta_loss(mlp_loss, scale_entry(params, layer, index, 1 + eps), batches, num_steps, **kw)
+    minus = unrolled_meta_loss(mlp_loss, scale_entry(params, layer, index, 1 - eps), batches, num_steps, **kw)
+    return float((plus - minus) / (2 * eps))
+
+
+@pytest.mark.parametrize("implementation", ["hvp", "unrolled"])
+@pytest.mark.parametrize("num_steps,momentum", [(1, 0.0), (3, 0.0), (1, 0.9), (3, 0.9)])
+def test_meta_gradient_matches_central_finite_difference(implementation, num_steps, momentum):
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(0))
+        batches = mlp_batches(jax.random.key(1), num_steps + 1)
+        grads = pj.meta_gradient(
+            mlp_loss, params, batches, num_steps=num_steps, lr=LR, momentum=momentum, implementation=implementation
+        )
+        scores = pj.prospr_scores(
+            mlp_loss, params, batches, num_steps=num_steps, lr=LR, momentum=momentum, implementation=implementation
+        )
+        for layer, index in ENTRIES:
+            fd = _finite_difference(params, batches, num_steps, layer, index, lr=LR, momentum=momentum)
+            analytic = float(params[layer]["kernel"][index] * grads[layer]["kernel"][index])
+            assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-12)
+            assert float(scores[layer]["kernel"][index]) == pytest.approx(abs(fd), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["hvp", "unrolled"])
+def test_weight_decay_in_inner_steps_matches_finite_difference(implementation):
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(2))
+        batches = mlp_batches(jax.random.key(3), 4)
+        grads = pj.meta_gradient(
+            mlp_loss, params, batches, num_steps=3, lr=LR, momentum=0.5, weight_decay=0.05,
+            implementation=implementation,
+        )
+        for layer, index in ENTRIES[:3]:
+            fd = _finite_difference(params, batches, 3, layer, index, lr=LR, momentum=0.5, weight_decay=0.05)
+            assert float(params[layer]["kernel"][index] * grads[layer]["kernel"][index]) == pytest.approx(fd, rel=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["hvp", "unrolled"])
+def test_detached_first_buffer_treats_first_update_as_constant(implementation):
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(4))
+        batches = mlp_batches(jax.random.key(5), 4)
+        frozen = jax.grad(mlp_loss)(params, batch_at(batches, 0))  # g_0 at c = 1, held constant
+        grads = pj.meta_gradient(
+            mlp_loss, params, batches, num_steps=3, lr=LR, momentum=0.9, detach_first_buffer=True,
+            implementation=implementation,
+        )
+        attached = pj.meta_gradient(mlp_loss, params, batches, num_steps=3, lr=LR, momentum=0.9)
+        for layer, index in ENTRIES[:3]:
+            fd = _finite_difference(params, batches, 3, layer, index, lr=LR, momentum=0.9, frozen_first_update=frozen)
+            assert float(params[layer]["kernel"][index] * grads[layer]["kernel"][index]) == pytest.approx(fd, rel=1e-6)
+        # The flag must change the result (otherwise this test could not fail).
+        assert not np.allclose(grads["layer0"]["kernel"], attached["layer0"]["kernel"], rtol=1e-3)
+
+
+def test_num_steps_zero_is_snip_and_equals_theta_times_gradient():
+    params = mlp_params(jax.random.key(6), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(7), 1, dtype=jnp.float32)
+    batch = batch_at(batches, 0)
+    prospr = pj.prospr_scores(mlp_loss, params, batches, num_steps=0)
+    snip = pj.snip_scores(mlp_loss, params, batch)
+    # Independent: |theta * dL/dtheta| with the gradient written out by hand for the 2-layer MLP.
+    x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+    w0, b0 = (np.asarray(params["layer0"][k], np.float64) for k in ("kernel", "bias"))
+    w1, b1 = (np.asarray(params["layer1"][k], np.float64) for k in ("kernel", "bias"))
+    h = np.tanh(x @ w0 + b0)
+    out = h @ w1 + b1
+    d_out = 2 * (out - y) / out.size
+    g1 = h.T @ d_out
+    g0 = x.T @ ((d_out @ w1.T) * (1 - h**2))
+    for layer, w, g in (("layer0", w0, g0), ("layer1", w1, g1)):
+        np.testing.assert_allclose(prospr[layer]["kernel"], np.abs(w * g), rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(prospr[layer]["kernel"], snip[layer]["kernel"])
+        assert prospr[layer]["bias"].shape == ()  # not pruned
+
+
+def test_first_order_scores_equal_gradient_at_w_m_times_theta0():
+    params = mlp_params(jax.random.key(8), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(9), 4, dtype=jnp.float32)
+    scores = pj.prospr_scores(mlp_loss, params, batches, num_steps=3, lr=LR, momentum=0.9, first_order=True)
+    w, buf = params, None
+    for k in range(3):  # explicit loop, PyTorch momentum semantics
+        g = jax.grad(mlp_loss)(w, batch_at(batches, k))
+        buf = g if buf is None else jax.tree_util.tree_map(lambda b, gi: 0.9 * b + gi, buf, g)
+        w = jax.tree_util.tree_map(lambda wi, bi: wi - LR * bi, w, buf)
+    g_m = jax.grad(mlp_loss)(w, batch_at(batches, 3))
+    for layer in ("layer0", "layer1"):
+        expected = np.abs(np.asarray(g_m[layer]["kernel"]) * np.asarray(params[layer]["kernel"]))
+        np.testing.assert_allclose(scores[layer]["kernel"], expected, rtol=1e-5, atol=1e-8)
+    second = pj.prospr_scores(mlp_loss, params, batches, num_steps=3, lr=LR, momentum=0.9)
+    assert not np.allclose(second["layer0"]["kernel"], scores["layer0"]["kernel"], rtol=1e-3)
+
+
+def test_single_batch_equals_stacked_copies():
+    params = mlp_params(jax.random.key(10), dtype=jnp.float32)
+    batch = batch_at(mlp_batches(jax.random.key(11), 1, dtype=jnp.float32), 0)
+    stacked = pj.stack_batches([batch] * 4)
+    for implementation in ("hvp", "unrolled"):
+        a = pj.prospr_scores(mlp_loss, params, batch, single_batch=True, implementation=implementation)
+        b = pj.prospr_scores(mlp_loss, params, stacked, implementation=implementation)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)
+
+
+def _count_eqns(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    total += _count_eqns(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    total += _count_eqns(v)
+    return total
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(implementation="hvp"), dict(implementation="unrolled"), dict(implementation="unrolled", remat=True),
+     dict(implementation="hvp", momentum=0.9, detach_first_buffer=True)],
+)
+def test_program_size_does_not_grow_with_num_steps(options):
+    params = mlp_params(jax.random.key(12), dtype=jnp.float32)
+    sizes = []
+    for m in (2, 7):
+        batches = mlp_batches(jax.random.key(13), m + 1, dtype=jnp.float32)
+        fn = lambda p, b: pj.prospr_scores(mlp_loss, p, b, num_steps=m, **options)  # noqa: E731
+        jaxpr = jax.make_jaxpr(fn)(params, batches)
+        hlo = jax.jit(fn).lower(params, batches).as_text()
+        sizes.append((_count_eqns(jaxpr.jaxpr), hlo.count("\n")))
+    assert sizes[0] == sizes[1]
+
+
+def test_scores_jit_and_match_eager():
+    params = mlp_params(jax.random.key(14), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(15), 4, dtype=jnp.float32)
+    eager = pj.prospr_scores(mlp_loss, params, batches)
+    jitted = jax.jit(lambda p, b: pj.prospr_scores(mlp_loss, p, b))(params, batches)
+    for x, y in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)
+
+
+def test_exclude_first_and_last_use_forward_order():
+    # 12 layers: flattening order sorts 'layer10' before 'layer2', forward order does not.
+    sizes = (3,) + (4,) * 11 + (2,)
+    params = mlp_params(jax.random.key(16), sizes=sizes, dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(17), 2, sizes=sizes, dtype=jnp.float32)
+    scores = pj.prospr_scores(mlp_loss, params, batches, num_steps=1, exclude_first=True, exclude_last=True)
+    assert scores["layer0"]["kernel"].shape == ()
+    assert scores["layer11"]["kernel"].shape == ()
+    assert all(scores[f"layer{i}"]["kernel"].shape == (4, 4) for i in range(1, 11))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_steps=-1), "num_steps"),
+        (dict(num_steps=2), "leading axis of length num_steps \\+ 1 = 3"),
+        (dict(implementation="fast"), "implementation"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(prunable=lambda path, leaf: False), "no prunable leaves"),
+    ],
+)
+def test_bad_input_raises_clear_errors(kwargs, message):
+    params = mlp_params(jax.random.key(18), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(19), 4, dtype=jnp.float32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        pj.prospr_scores(mlp_loss, params, batches, **{"num_steps": 3, **kwargs})
+
+
+def test_changing_lr_does_not_recompile():
+    params = mlp_params(jax.random.key(20), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(21), 4, dtype=jnp.float32)
+    traces = []
+
+    def counting_loss(p, b):
+        traces.append(1)
+        return mlp_loss(p, b)
+
+    pj.prospr_scores(counting_loss, params, batches, lr=0.1)
+    n = len(traces)
+    pj.prospr_scores(counting_loss, params, batches, lr=0.05, momentum=0.0)
+    assert len(traces) == n
+
+
+def test_hvp_and_unrolled_agree_on_all_leaves_with_momentum_and_decay():
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(22), sizes=(4, 6, 6, 3))
+        batches = mlp_batches(jax.random.key(23), 6, sizes=(4, 6, 6, 3))
+        for momentum, detach, wd, remat in ((0.0, False, 0.0, True), (0.9, False, 1e-2, False), (0.9, True, 0.0, True)):
+            kw = dict(num_steps=5, lr=0.2, momentum=momentum, detach_first_buffer=detach, weight_decay=wd)
+            a = pj.meta_gradient(mlp_loss, params, batches, implementation="hvp", **kw)
+            b = pj.meta_gradient(mlp_loss, params, batches, implementation="unrolled", remat=remat, **kw)
+            for x, y in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b))):
+                np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-13)
