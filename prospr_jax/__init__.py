@@ -21,6 +21,7 @@ from prospr_jax.masks import (
 )
 from prospr_jax.methods.snip import snip_scores
 from prospr_jax.optim import MaskedState, masked, masks_of, set_masks
+from prospr_jax.problem import PruningProblem
 from prospr_jax.prospr import meta_gradient, prospr_scores, stack_batches
 from prospr_jax.prunable import default_prunable, forward_order, select_prunable
 
@@ -30,6 +31,7 @@ __all__ = [
     "LayerCollapseWarning",
     "LayerSparsity",
     "MaskedState",
+    "PruningProblem",
     "SparsityReport",
     "apply_masks",
     "check_masks",
