@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prospr_jax.canonical_convs import canonicalize_convs
 from prospr_jax.prunable import PrunableSpec, forward_order, select_prunable
 from prospr_jax.tree import PyTree, leading_axis_sizes, names_in_order
 
@@ -232,8 +233,11 @@ def _meta_gradient_jit(
         single_batch=single_batch,
     )
     if implementation == "unrolled":
-        return _meta_gradient_unrolled(loss_fn, params, batches, hyper, remat=remat, **kwargs)
-    return _meta_gradient_hvp(loss_fn, params, batches, hyper, **kwargs)
+        compute = functools.partial(_meta_gradient_unrolled, loss_fn, remat=remat, **kwargs)
+    else:
+        compute = functools.partial(_meta_gradient_hvp, loss_fn, **kwargs)
+    # Convolutions inside the scans in the layout XLA runs fast in loop bodies (see canonical_convs).
+    return canonicalize_convs(compute)(params, batches, hyper)
 
 
 def meta_gradient(

@@ -1,0 +1,63 @@
+"""canonicalize_convs computes the same function with channels-last convolutions only."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from prospr_jax.canonical_convs import _is_canonical, canonicalize_convs
+
+
+def _conv_specs(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(eqn.params["dimension_numbers"])
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    found += _conv_specs(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    found += _conv_specs(v)
+    return found
+
+
+@pytest.mark.parametrize(
+    "strides,rhs_dilation,groups,padding",
+    [((1, 1), (1, 1), 1, "SAME"), ((2, 2), (1, 1), 1, ((1, 1), (1, 1))), ((1, 2), (2, 1), 1, "VALID"),
+     ((1, 1), (1, 1), 2, "SAME")],
+)
+def test_gradients_in_a_scan_are_unchanged_and_canonical(strides, rhs_dilation, groups, padding):
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (3, 9, 8, 4))
+    w1 = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 4 // groups, 6))
+    w2 = jax.random.normal(jax.random.fold_in(key, 2), (2, 2, 6, 5))
+
+    def loss(params, x):
+        h = lax.conv_general_dilated(x, params[0], strides, padding, rhs_dilation=rhs_dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        h = jnp.tanh(h)
+        # A channels-first conv as well, to exercise arbitrary dimension numbers in the forward pass.
+        h = lax.conv_general_dilated(jnp.transpose(h, (0, 3, 1, 2)), jnp.transpose(params[1], (3, 2, 0, 1)),
+                                     (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return jnp.sum(h**2)
+
+    def fn(params, xs):
+        def body(p, x):
+            g = jax.grad(loss)(p, x)
+            hvp = jax.jvp(lambda q: jax.grad(loss)(q, x), (p,), (g,))[1]
+            return jax.tree_util.tree_map(lambda a, b: a - 1e-3 * b, p, hvp), g
+        return lax.scan(body, params, xs)
+
+    xs = jnp.stack([x, 0.5 * x])
+    expected = jax.jit(fn)((w1, w2), xs)
+    got = jax.jit(canonicalize_convs(fn))((w1, w2), xs)
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
+    before = _conv_specs(jax.make_jaxpr(fn)((w1, w2), xs).jaxpr)
+    after = _conv_specs(jax.make_jaxpr(canonicalize_convs(fn))((w1, w2), xs).jaxpr)
+    assert any(not _is_canonical(dn) for dn in before)  # autodiff made non-canonical convolutions
+    assert after and all(_is_canonical(dn) for dn in after)
