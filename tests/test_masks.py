@@ -220,3 +220,28 @@ def test_forward_order_follows_computation_not_key_order():
     assert sorted(order) != order  # the flattening order is different
     sel = pj.select_prunable(params, exclude_first=True, exclude_last=True, order=order)
     assert not sel["Dense_0"]["kernel"] and not sel["Dense_11"]["kernel"] and sel["Dense_10"]["kernel"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masks_equal_a_numpy_stable_argsort_reference(seed):
+    rng = np.random.default_rng(seed)
+    # Few distinct values (many ties), negatives and +-0 are all ranked like numpy does.
+    values = rng.choice(np.array([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0, 1e30, -1e30], np.float32), size=(7, 9))
+    scores = {"a": jnp.asarray(values[:3]), "b": jnp.asarray(values[3:]), "c": jnp.zeros(())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pj.LayerCollapseWarning)
+        for sparsity in (0.2, 0.55, 0.9):
+            masks = pj.masks_from_scores(scores, sparsity, scope="global")
+            flat = values.ravel() + 0.0  # -0.0 == 0.0
+            k = math.ceil(round((1 - sparsity) * flat.size, 6))
+            ref = np.zeros(flat.size, bool)
+            ref[np.argsort(-flat, kind="stable")[:k]] = True
+            got = np.concatenate([np.ravel(masks["a"]), np.ravel(masks["b"])]).astype(bool)
+            np.testing.assert_array_equal(got, ref)
+            layer = pj.masks_from_scores(scores, sparsity, scope="layerwise")
+            for name, part in (("a", values[:3]), ("b", values[3:])):
+                flat = part.ravel() + 0.0
+                k = math.ceil(round((1 - sparsity) * flat.size, 6))
+                ref = np.zeros(flat.size, bool)
+                ref[np.argsort(-flat, kind="stable")[:k]] = True
+                np.testing.assert_array_equal(np.ravel(layer[name]).astype(bool), ref)
