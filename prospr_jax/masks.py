@@ -109,9 +109,15 @@ def _top_k_flags(flat_scores: jax.Array, k: int) -> jax.Array:
         return jnp.ones((n,), bool)
     if k == 0:
         return jnp.zeros((n,), bool)
+    return _top_k_flags_compiled(flat_scores, jnp.asarray(k, jnp.int32))
+
+
+@jax.jit
+def _top_k_flags_compiled(flat_scores: jax.Array, k: jax.Array) -> jax.Array:
     # Find the k-th largest value exactly by bisection on the bits of an order-preserving unsigned
     # integer key (one counting pass per bit: linear time, far faster than sorting on CPU), then
     # keep every entry above it and, among the entries equal to it, the first ones in index order.
+    # k is data, so one compiled program serves every k (iterative pruners change k each round).
     keys = _order_keys(flat_scores)
     nbits = keys.dtype.itemsize * 8
 
@@ -131,7 +137,7 @@ def _order_keys(values: jax.Array) -> jax.Array:
     if values.dtype != jnp.float64:
         values = values.astype(jnp.float32)
     uint, sint = (jnp.uint64, jnp.int64) if values.dtype == jnp.float64 else (jnp.uint32, jnp.int32)
-    bits = jax.lax.bitcast_convert_type(values + jnp.zeros((), values.dtype), sint)
+    bits = jax.lax.bitcast_convert_type(jnp.where(values == 0, jnp.zeros((), values.dtype), values), sint)
     ubits = jax.lax.bitcast_convert_type(bits, uint)
     sign = jnp.ones((), uint) << (values.dtype.itemsize * 8 - 1)
     return jnp.where(bits < 0, ~ubits, ubits | sign)
