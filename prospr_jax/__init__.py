@@ -27,6 +27,18 @@ from prospr_jax.prunable import default_prunable, forward_order, select_prunable
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("checkpoint", "data", "methods", "models", "train")
+
+
+def __getattr__(name: str):
+    # Submodules with heavier imports (tensorflow-datasets, orbax) load on first use.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"prospr_jax.{name}")
+    raise AttributeError(f"module 'prospr_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "LayerCollapseWarning",
     "LayerSparsity",

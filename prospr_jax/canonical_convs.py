@@ -29,7 +29,7 @@ import jax.extend.core as jex
 import numpy as np
 from jax import lax
 
-_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
                      "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
 
 

@@ -61,3 +61,25 @@ def test_gradients_in_a_scan_are_unchanged_and_canonical(strides, rhs_dilation, 
     after = _conv_specs(jax.make_jaxpr(canonicalize_convs(fn))((w1, w2), xs).jaxpr)
     assert any(not _is_canonical(dn) for dn in before)  # autodiff made non-canonical convolutions
     assert after and all(_is_canonical(dn) for dn in after)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(implementation="hvp"), dict(implementation="unrolled"), dict(implementation="unrolled", remat=True)]
+)
+def test_every_convolution_of_the_scoring_program_is_canonical(options):
+    import prospr_jax as pj
+
+    key = jax.random.key(3)
+    params = {"conv": {"kernel": jax.random.normal(key, (3, 3, 2, 4)) * 0.3},
+              "dense": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (4, 3)) * 0.3}}
+    batches = {"x": jax.random.normal(jax.random.fold_in(key, 2), (3, 5, 6, 6, 2)),
+               "y": jax.random.normal(jax.random.fold_in(key, 3), (3, 5, 3))}
+
+    def loss(p, b):
+        h = lax.conv_general_dilated(b["x"], p["conv"]["kernel"], (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.mean((jnp.tanh(h).mean(axis=(1, 2)) @ p["dense"]["kernel"] - b["y"]) ** 2)
+
+    jaxpr = jax.make_jaxpr(lambda p, b: pj.meta_gradient(loss, p, b, num_steps=2, **options))(params, batches)
+    specs = _conv_specs(jaxpr.jaxpr)
+    assert len(specs) >= 3 and all(_is_canonical(dn) for dn in specs)

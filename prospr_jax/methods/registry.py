@@ -33,8 +33,8 @@ imp                Frankle & Carbin, ICLR 2019;     training       masks
 =================  ===============================  =============  ===========
 
 :func:`table` returns the full rows (with the idea and the cost of each method); :func:`markdown_table`
-renders them for the README. Methods living in modules written separately (``lookahead``, ``drive``,
-``imp``) are imported when first called, so the registry lists them even before they exist.
+renders them for the README. The methods of ``lookahead``, ``drive`` and ``imp`` are imported when
+first called, which keeps ``import prospr_jax.methods`` light.
 """
 
 from __future__ import annotations
