@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
         leaf = scores["layer0"]["kernel"]
         assert len(leaf.sharding.device_set) == 8, leaf.sharding
     masks = pj.masks_from_scores(scores, 0.9)
-    assert sum(int(np.count_nonzero(m)) for m in jax.tree_util.tree_leaves(masks) if m.ndim) == 18
+    assert sum(int(np.count_nonzero(m)) for m in jax.tree_util.tree_leaves(masks) if m.ndim) == 16  # ceil(0.1 * 160)
     print("OK")
     """
 )
