@@ -15,7 +15,7 @@ Batch convention for model-based helpers: a dict ``{'image': float [B, H, W, C],
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import optax
@@ -89,6 +89,12 @@ class PruningProblem:
         missing = [f for f in fields if getattr(self, f) is None]
         if missing:
             raise ValueError(f"method {method!r} needs PruningProblem field(s) {missing}; they are not set")
+
+    def reject_problem_options(self, options: Mapping[str, Any], *, method: str) -> None:
+        """Raise if ``options`` set a field that belongs to the problem (which leaves are pruned)."""
+        for key in ("prunable", "exclude_first", "exclude_last"):
+            if key in options:
+                raise ValueError(f"set `{key}` on the PruningProblem, not as an option of {method!r}")
 
     def replace(self, **changes: Any) -> "PruningProblem":
         return dataclasses.replace(self, **changes)

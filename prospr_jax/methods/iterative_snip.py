@@ -222,9 +222,7 @@ def force_masks(
 
 def _problem_masks(method: str, revive: bool, problem: PruningProblem, sparsity: float, **options: Any):
     problem.require("batch_fn", method=method)
-    for key in ("prunable", "exclude_first", "exclude_last"):
-        if key in options:
-            raise ValueError(f"set `{key}` on the PruningProblem, not as an option of {method!r}")
+    problem.reject_problem_options(options, method=method)
     return iterative_masks(
         problem.loss_fn, problem.params, problem.batch, sparsity, revive=revive,
         prunable=problem.prunable_tree(), **options,

@@ -12,15 +12,6 @@ from prospr_jax.problem import PruningProblem
 from prospr_jax.prospr import prospr_scores, stack_batches
 from prospr_jax.tree import PyTree
 
-_PROBLEM_FIELDS = ("prunable", "exclude_first", "exclude_last")
-
-
-def _reject_problem_fields(method: str, options: dict) -> None:
-    for key in _PROBLEM_FIELDS:
-        if key in options:
-            raise ValueError(f"set `{key}` on the PruningProblem, not as an option of {method!r}")
-
-
 def prospr_method(
     problem: PruningProblem,
     *,
@@ -40,7 +31,7 @@ def prospr_method(
     ``implementation``, ``remat``) are passed through.
     """
     problem.require("batch_fn", method="prospr")
-    _reject_problem_fields("prospr", options)
+    problem.reject_problem_options(options, method="prospr")
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}")
     if single_batch:
