@@ -529,21 +529,30 @@ class Experiment:
             print(f"[{cell.label} s={cell.sparsity:g}] pruning ...", flush=True)
             masks, info, start_params = self.prune(cell)
             prune_info = _jsonable({k: v for k, v in info.items() if k not in ("start_params", "rewound_params", "trained_params")})
-            state = trainer.init(start_params, self.batch_stats0, masks, rng=rng)
-            start_epoch, history, train_seconds = 0, [], 0.0
+            # IMP rewound to theta_k (k > 0) continues the schedule and the data stream from step k
+            # (Frankle et al. 2020): the ticket trains the remaining T - k steps.
+            first_step = int(info.get("start_step", 0))
+            if first_step >= epochs * self.steps_per_epoch:
+                raise ValueError(
+                    f"{cell.label}: training would start at step {first_step} (rewind step), but the recipe "
+                    f"has only {epochs * self.steps_per_epoch} steps"
+                )
+            state = trainer.init(start_params, self.batch_stats0, masks, rng=rng, start_step=first_step)
+            start_epoch, history, train_seconds = first_step // self.steps_per_epoch, [], 0.0
 
         report = sparsity_report(masks, self.params0)
         if report.empty_layers:
             print(f"WARNING [{cell.label} s={cell.sparsity:g}] empty layers: {', '.join(report.empty_layers)}")
         eval_every = cfg.eval_every
         last_eval: dict = history[-1].get("test", {}) if history else {}
-        bar = _progress(self.progress, epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch,
+        bar = _progress(self.progress, epochs * self.steps_per_epoch, int(state.step),
                         f"{cell.label} s={cell.sparsity:g}")
         try:
             for epoch in range(start_epoch, epochs):
                 began = time.perf_counter()
                 batches = data.train_batches(
-                    self.dataset, batch_size=cfg.recipe.batch_size, epoch=epoch, seed=cfg.seed, augment=cfg.recipe.augment
+                    self.dataset, batch_size=cfg.recipe.batch_size, epoch=epoch, seed=cfg.seed, augment=cfg.recipe.augment,
+                    start_step=int(state.step) - epoch * self.steps_per_epoch,
                 )
 
                 def on_step(i: int, metrics: dict, bar=bar) -> None:

@@ -52,7 +52,10 @@ class PruningProblem:
       train_fn: for methods that train (DRIVE, IMP): ``train_fn(params, masks, *, steps=None,
         key=None) -> params`` trains the masked network from ``params`` for ``steps`` optimiser steps
         (``None``: the full budget of the caller's recipe) with pruned weights held at zero, and
-        returns the trained params (model state updates stay inside the callable).
+        returns the trained params (model state updates stay inside the callable). IMP with
+        ``rewind_step=k > 0`` also passes ``start_step=k``: continue the learning-rate schedule (and
+        data stream) from global step k, and with ``steps=None`` train the remaining ``T - k`` steps
+        (Frankle et al. 2020); :func:`prospr_jax.train.make_train_fn` does this.
       key: PRNG key for randomised methods.
     """
 

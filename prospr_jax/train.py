@@ -419,7 +419,8 @@ def make_train_fn(
     exactly zero). Each call starts a fresh optimiser state and BatchNorm statistics ``batch_stats``;
     the statistics it accumulates stay inside the call.
 
-    * ``steps``: optimiser steps (``None``: the recipe's full budget ``epochs * steps_per_epoch``).
+    * ``steps``: optimiser steps (``None``: to the end of the recipe's budget, i.e.
+      ``epochs * steps_per_epoch - start_step`` steps).
     * ``start_step``: global step to start at: the lr schedule AND the data stream continue from there
       (batch ``start_step`` of the data order is the first one used). IMP rewinding to ``theta_k``
       passes ``start_step=k`` to train the remaining ``T - k`` steps as Frankle et al. do.
@@ -441,11 +442,11 @@ def make_train_fn(
         )
 
     def train_fn(params: PyTree, masks: PyTree, *, steps: Optional[int] = None, key: Any = None, start_step: int = 0):
-        steps = trainer.total_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ValueError(f"`steps` must be an integer >= 0 or None, got {steps!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
             raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+        steps = max(trainer.total_steps - int(start_step), 0) if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"`steps` must be an integer >= 0 or None, got {steps!r}")
         if key is None:
             data_seed, rng = int(seed), jax.random.PRNGKey(int(seed))
         else:

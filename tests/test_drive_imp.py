@@ -69,9 +69,9 @@ class RecordingTrainFn:
         self.default_steps = default_steps
         self.calls = []
 
-    def __call__(self, params, masks, *, steps=None, key=None):
+    def __call__(self, params, masks, *, steps=None, key=None, **kwargs):
         out = _sgd(params, masks, self.data, self.default_steps if steps is None else steps)
-        self.calls.append({"params": params, "masks": masks, "steps": steps, "key": key, "out": out})
+        self.calls.append({"params": params, "masks": masks, "steps": steps, "key": key, "out": out, **kwargs})
         return out
 
 
@@ -198,7 +198,10 @@ def test_imp_rewinds_to_theta_k_from_an_independent_dense_run():
     assert round1["steps"] == 3
     _assert_trees_equal(round1["params"], problem.params)  # the dense run starts at theta_0
     assert len(later) == 3
-    for call in later:  # all params rewound to theta_k, pruned weights zero
+    assert "start_step" not in first and "start_step" not in round1
+    assert info["start_step"] == k
+    for call in later:  # all params rewound to theta_k, pruned weights zero, schedule continued from k
+        assert call["start_step"] == k
         _assert_trees_equal(call["params"], pj.apply_masks(theta_k, call["masks"]))
         np.testing.assert_array_equal(call["params"]["layer1"]["bias"], theta_k["layer1"]["bias"])
 
@@ -384,16 +387,21 @@ def test_flax_problem_with_masked_optax_train_fn():
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    def train_fn(params, masks, *, steps=None, key=None):
+    def train_fn(params, masks, *, steps=None, key=None, start_step=0):
         params = pj.apply_masks(params, masks)
         state = pj.masked(optimizer, masks).init(params)
-        for i in range(4 if steps is None else steps):
+        for i in range(start_step, start_step + (4 if steps is None else steps)):
             params, state = step(params, state, batch_fn(i))
         return params
+
+    def train_fn_without_start_step(params, masks, *, steps=None, key=None):
+        return train_fn(params, masks, steps=steps, key=key)
 
     problem = pj.PruningProblem.from_flax(
         model, variables, batch_fn, input_shape=(8,), num_classes=3, train_fn=train_fn
     )
+    with pytest.raises(ValueError, match="must accept `start_step="):
+        imp_masks(problem.replace(train_fn=train_fn_without_start_step), 0.6, rewind_step=1)
     n = 8 * 12 + 12 * 3
     for masks, info in (
         imp_masks(problem, 0.6, rewind_step=1),

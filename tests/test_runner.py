@@ -207,3 +207,21 @@ def test_kill_and_resume_gives_the_uninterrupted_result(reference, tmp_path, cap
         p_want = Checkpointer(ref_out / "checkpoints" / cell).restore(6, {"state": None})[0]["state"]
         for a, b in zip(jax.tree_util.tree_leaves(p_got), jax.tree_util.tree_leaves(p_want)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_imp_ticket_rewound_to_step_k_trains_the_remaining_steps(tmp_path, capsys):
+    """IMP with rewind_step=k: the ticket starts at theta_k and continues the schedule from step k."""
+    spe = 300 // 50  # --subset 300, --batch-size 50
+    k = spe + 2  # inside the second epoch
+    options = json.dumps({"imp": {"rewind_step": k, "round_steps": 2}})
+    code, out, err = run_main(
+        TINY + ["--epochs", "3", "--methods", "imp", "--sparsities", "0.5", "--method-options", options,
+                "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 0, out + err
+    (record,) = read_jsonl(tmp_path / "results.jsonl")
+    assert record["prune_info"]["start_step"] == k
+    # Epoch 1 was part of reaching theta_k; training covered epochs 2 (from its 3rd step) and 3.
+    assert [h["epoch"] for h in record["history"]] == [2, 3]
+    assert record["kept_prunable"] == math.ceil(0.5 * LENET_KERNELS)

@@ -254,6 +254,11 @@ def test_train_fn_honours_steps_and_start_step(digits):
     split = train_fn(train_fn(params, masks, steps=spe), masks, steps=1, start_step=spe)
     for a, b in zip(jax.tree_util.tree_leaves(two_epochs), jax.tree_util.tree_leaves(split)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # steps=None trains to the end of the budget (2 epochs): from step T - 1 that is one step.
+    last = train_fn(params, masks, start_step=2 * spe - 1)
+    one = train_fn(params, masks, steps=1, start_step=2 * spe - 1)
+    for a, b in zip(jax.tree_util.tree_leaves(last), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="steps"):
         train_fn(params, masks, steps=-1)
 

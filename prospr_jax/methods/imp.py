@@ -31,13 +31,15 @@ training loop composes. ``train_fn`` is always given params whose pruned weights
 * ``theta_k`` is ``train_fn(theta_0, dense_masks, steps=k)`` (``k > 0``); ``theta_0`` itself for ``k = 0``.
 * Round ``r >= 2`` trains from ``apply_masks(theta_k, m_{r-1})``: ALL parameters are rewound (biases,
   BatchNorm scale/shift too), not only the surviving weights.
-* ``round_steps`` sets the steps of every round (``None``: the caller's full budget). A
-  ``train_fn`` starts a fresh optimiser state and schedule on every call, so a round started from
-  ``theta_k`` runs the full schedule from its beginning; Frankle et al. continue the schedule from
-  step ``k`` (``T - k`` steps). Pass ``round_steps`` or a schedule-aware ``train_fn`` to match that.
+* ``round_steps`` sets the steps of every round (``None``: the caller's full budget).
+* With ``k > 0``, the rounds started from ``theta_k`` continue the schedule from step ``k`` as
+  Frankle et al. do: they call ``train_fn(..., steps=round_steps, start_step=k)`` (with
+  ``steps=None`` the train_fn trains the remaining ``T - k`` steps), so ``train_fn`` must accept
+  ``start_step`` when ``k > 0``.
 
 The caller trains the final ticket itself: ``train_fn(apply_masks(info['rewound_params'], masks),
-masks)``. ``info['start_params']`` is the same value as ``info['rewound_params']``.
+masks, start_step=info['start_step'])``. ``info['start_params']`` is the same value as
+``info['rewound_params']``; ``info['start_step']`` is ``k``.
 
 Scope: global ranking over all prunable weights (METHODS.md, and Frankle et al. 2020 for deep
 convolutional networks) by default; ``scope='layerwise'`` keeps the same fraction in every layer.
@@ -47,6 +49,7 @@ Frankle & Carbin 2019 also used different per-layer rates for conv and fully con
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Optional
 
@@ -246,6 +249,7 @@ def imp_masks(
     calls = 0
 
     if k > 0:
+        _require_start_step(problem.train_fn)
         theta_k = problem.train_fn(theta_0, masks, steps=k, key=train_key(problem.key, 0))
         calls += 1
     else:
@@ -256,8 +260,9 @@ def imp_masks(
     kept_before, _ = kept_and_total(masks)
     for r, density in enumerate(densities, start=1):
         start = theta_0 if r == 1 else theta_k
+        resume = {"start_step": k} if (r > 1 and k > 0) else {}
         trained = problem.train_fn(
-            apply_masks(start, masks), masks, steps=round_steps, key=train_key(problem.key, r)
+            apply_masks(start, masks), masks, steps=round_steps, key=train_key(problem.key, r), **resume
         )
         calls += 1
         metrics = None if eval_fn is None else dict(eval_fn(trained, masks))
@@ -278,6 +283,7 @@ def imp_masks(
         "rewound_params": theta_k,
         "start_params": theta_k,
         "rewind_step": k,
+        "start_step": k,
         "prune_fraction": p,
         "prune_fraction_used": 1.0 - (1.0 - s) ** (1.0 / rounds) if clipped else p,
         "scope": scope,
@@ -285,3 +291,18 @@ def imp_masks(
         "train_calls": calls,
     }
     return masks, info
+
+
+def _require_start_step(train_fn: Callable[..., Any]) -> None:
+    """Rewinding to theta_k (k > 0) continues the schedule from step k: train_fn must take start_step."""
+    try:
+        parameters = inspect.signature(train_fn).parameters.values()
+    except (TypeError, ValueError):
+        return  # a callable without an inspectable signature: let the call itself decide
+    if any(p.name == "start_step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    raise ValueError(
+        "imp with rewind_step > 0 trains the rewound rounds from step k of the schedule, as Frankle et "
+        "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn and "
+        "prospr_jax.train.make_train_fn)"
+    )
