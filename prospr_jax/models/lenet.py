@@ -26,15 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from prospr_jax.models.layers import KAIMING_FAN_IN
 
-KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+Dtype = Any
 
 
 def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
     return nn.Dense(
         features,
-        kernel_init=KERNEL_INIT,
+        kernel_init=KAIMING_FAN_IN,
         bias_init=nn.initializers.zeros,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -107,7 +107,7 @@ class LeNet5(nn.Module):
                 width,
                 kernel_size=(5, 5),
                 padding="VALID",
-                kernel_init=KERNEL_INIT,
+                kernel_init=KAIMING_FAN_IN,
                 bias_init=nn.initializers.zeros,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

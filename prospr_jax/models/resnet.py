@@ -41,40 +41,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from prospr_jax.models.layers import KAIMING_FAN_OUT, batch_norm, conv, pooled_classifier
 
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-DENSE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1.
-BN_EPSILON = 1e-5
+Dtype = Any
 
 STEMS = ("imagenet", "cifar")
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str):
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-def _batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str):
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+    return conv(features, kernel, stride, kernel_init=KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -97,7 +72,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(_batch_norm, train, self.dtype, self.param_dtype)
+        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         y = conv(self.features, 3, self.stride, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
         y = conv(self.features, 3, 1, name="conv2")(y)
@@ -125,7 +100,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(_batch_norm, train, self.dtype, self.param_dtype)
+        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         out_features = self.features * self.expansion
         y = conv(self.features, 1, 1, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
@@ -192,7 +167,7 @@ class ResNet(nn.Module):
             x = _conv(self.widths[0], 7, 2, self.dtype, self.param_dtype, name="conv_stem")(x)
         else:
             x = _conv(self.widths[0], 3, 1, self.dtype, self.param_dtype, name="conv_stem")(x)
-        x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, name="bn_stem")(x))
+        x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn_stem")(x))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         # Zero-padded indices keep the alphabetical order equal to the forward order.
@@ -208,15 +183,7 @@ class ResNet(nn.Module):
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1:0{stage_digits}d}_block{block:0{block_digits}d}",
                 )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=DENSE_INIT,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="logits",
-        )(x)
+        return pooled_classifier(x, self.num_classes, self.dtype, self.param_dtype)
 
 
 def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:

@@ -37,11 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from prospr_jax.models.layers import KAIMING_FAN_IN, batch_norm, conv, pooled_classifier
 
-KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1.
-BN_EPSILON = 1e-5
+Dtype = Any
 
 BLOCKS_PER_STAGE = {20: 3, 32: 5, 56: 9}
 
@@ -89,27 +87,13 @@ class BasicBlockA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv,
-            self.features,
-            kernel_size=(3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=KERNEL_INIT,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        conv3x3 = functools.partial(
+            conv, self.features, 3, kernel_init=KAIMING_FAN_IN, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        y = conv(strides=(self.stride, self.stride), name="conv1")(x)
+        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
+        y = conv3x3(self.stride, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = conv(name="conv2")(y)
+        y = conv3x3(1, name="conv2")(y)
         y = norm(name="bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
             skip = option_a_shortcut(x, self.features, self.stride)
@@ -150,25 +134,11 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(
-            self.widths[0],
-            kernel_size=(3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=KERNEL_INIT,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        x = conv(
+            self.widths[0], 3, 1, kernel_init=KAIMING_FAN_IN, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv_stem",
         )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="bn_stem",
-        )(x)
-        x = nn.relu(x)
+        x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn_stem")(x))
         # Zero-padded indices keep the alphabetical order equal to the forward order.
         stage_digits = len(str(len(self.widths)))
         block_digits = len(str(self.blocks_per_stage - 1))
@@ -182,15 +152,7 @@ class CifarResNet(nn.Module):
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1:0{stage_digits}d}_block{block:0{block_digits}d}",
                 )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=KERNEL_INIT,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="logits",
-        )(x)
+        return pooled_classifier(x, self.num_classes, self.dtype, self.param_dtype)
 
 
 def cifar_resnet(depth: int, num_classes: int, **kwargs: Any) -> CifarResNet:

@@ -35,12 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from prospr_jax.models.layers import KAIMING_FAN_OUT, batch_norm, conv, pooled_classifier
 
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-DENSE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1.
-BN_EPSILON = 1e-5
+Dtype = Any
 
 VGG_CONFIGS: dict[int, tuple[Union[int, str], ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
@@ -96,35 +93,13 @@ class VGG(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             index += 1
-            x = nn.Conv(
-                v,
-                kernel_size=(3, 3),
-                padding=((1, 1), (1, 1)),
-                use_bias=self.use_conv_bias,
-                kernel_init=CONV_INIT,
-                bias_init=nn.initializers.zeros,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"conv{index:0{digits}d}",
+            x = conv(
+                v, 3, 1, kernel_init=KAIMING_FAN_OUT, use_bias=self.use_conv_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"conv{index:0{digits}d}",
             )(x)
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPSILON,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"bn{index:0{digits}d}",
-            )(x)
+            x = batch_norm(train, self.dtype, self.param_dtype, name=f"bn{index:0{digits}d}")(x)
             x = nn.relu(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=DENSE_INIT,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="logits",
-        )(x)
+        return pooled_classifier(x, self.num_classes, self.dtype, self.param_dtype)
 
 
 def vgg(depth: int, num_classes: int, **kwargs: Any) -> VGG:
