@@ -17,6 +17,7 @@ from prospr_jax.masks import (
     dense_masks,
     kept_count,
     masks_from_scores,
+    scores_on_prunable,
     sparsity_report,
 )
 from prospr_jax.methods.snip import snip_scores
@@ -56,6 +57,7 @@ __all__ = [
     "masks_of",
     "meta_gradient",
     "prospr_scores",
+    "scores_on_prunable",
     "select_prunable",
     "set_masks",
     "snip_scores",

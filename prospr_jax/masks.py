@@ -254,6 +254,15 @@ def masks_from_scores(
     return out
 
 
+def scores_on_prunable(values: PyTree, prunable: PyTree) -> PyTree:
+    """``values`` on the leaves where the bool pytree ``prunable`` is True, a 0-d zero elsewhere:
+    the scores convention of this module, ready for :func:`masks_from_scores`."""
+    check_same_structure(values, prunable, arg="values", ref_arg="prunable")
+    return jax.tree_util.tree_map(
+        lambda keep, v: v if keep else jnp.zeros((), jnp.result_type(v)), prunable, values
+    )
+
+
 def dense_masks(params: PyTree, prunable: PrunableSpec = None) -> PyTree:
     """All-ones masks: full-shape ``1.0`` on the prunable leaves, 0-d ``1.0`` elsewhere.
 

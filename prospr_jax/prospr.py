@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prospr_jax.canonical_convs import canonicalize_convs
+from prospr_jax.masks import scores_on_prunable
 from prospr_jax.prunable import PrunableSpec, forward_order, select_prunable
 from prospr_jax.tree import PyTree, leading_axis_sizes, names_in_order
 
@@ -83,6 +84,13 @@ def check_batches(batches: PyTree, num_steps: int, single_batch: bool) -> None:
             "To reuse one batch for every step pass `single_batch=True`, or stack copies with "
             "`stack_batches([batch] * (num_steps + 1))`."
         )
+
+
+def check_num_steps(num_steps: Any) -> int:
+    """``num_steps`` as an int, or a ``ValueError`` naming it unless it is an integer >= 0."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}")
+    return int(num_steps)
 
 
 def stack_batches(batches: list[PyTree]) -> PyTree:
@@ -264,20 +272,19 @@ def meta_gradient(
     structure (every leaf, pruned or not). ``prospr_scores = |params * meta_gradient|`` on the pruned
     leaves. With ``num_steps=0`` it is the plain gradient on ``batches[0]``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}")
+    num_steps = check_num_steps(num_steps)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     lr = _check_hyper("lr", lr)
     momentum = _check_hyper("momentum", momentum, low=0.0)
     weight_decay = _check_hyper("weight_decay", weight_decay)
-    check_batches(batches, int(num_steps), bool(single_batch))
+    check_batches(batches, num_steps, bool(single_batch))
     return _meta_gradient_jit(
         loss_fn,
         params,
         batches,
         (lr, momentum, weight_decay),
-        num_steps=int(num_steps),
+        num_steps=num_steps,
         use_momentum=momentum != 0.0,
         first_order=bool(first_order),
         detach_first_buffer=bool(detach_first_buffer),
@@ -290,17 +297,6 @@ def meta_gradient(
 def first_batch(batches: PyTree, single_batch: bool = False) -> Any:
     """The batch of inner step 0 (the whole of ``batches`` when ``single_batch``)."""
     return batches if single_batch else _tmap(lambda b: b[0], batches)
-
-
-def scores_from_meta_gradient(params: PyTree, grads: PyTree, prunable: PyTree) -> PyTree:
-    """``|params * grads|`` on the leaves where the bool pytree ``prunable`` is True, a 0-d zero
-    elsewhere (the scores convention of :mod:`prospr_jax.masks`)."""
-    return _tmap(
-        lambda keep, p, g: jnp.abs(p * g) if keep else jnp.zeros((), jnp.result_type(p)),
-        prunable,
-        params,
-        grads,
-    )
 
 
 def resolve_prunable(
@@ -389,4 +385,4 @@ def prospr_scores(
     selected = resolve_prunable(
         loss_fn, params, first_batch(batches, single_batch), prunable, exclude_first, exclude_last
     )
-    return scores_from_meta_gradient(params, grads, selected)
+    return scores_on_prunable(_tmap(lambda p, g: jnp.abs(p * g), params, grads), selected)

@@ -245,3 +245,13 @@ def test_masks_equal_a_numpy_stable_argsort_reference(seed):
                 ref = np.zeros(flat.size, bool)
                 ref[np.argsort(-flat, kind="stable")[:k]] = True
                 np.testing.assert_array_equal(np.ravel(layer[name]).astype(bool), ref)
+
+
+def test_scores_on_prunable_keeps_selected_leaves_and_marks_the_others():
+    values = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([5.0, 6.0])}
+    scores = pj.scores_on_prunable(values, {"w": True, "b": False})
+    np.testing.assert_array_equal(scores["w"], values["w"])
+    assert scores["b"].shape == () and float(scores["b"]) == 0.0
+    assert pj.masks_from_scores(scores, 0.5)["b"].shape == ()
+    with pytest.raises(ValueError, match="`values` must have the same tree structure as `prunable`"):
+        pj.scores_on_prunable(values, {"w": True})

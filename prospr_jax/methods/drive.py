@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from prospr_jax.masks import apply_masks, check_sparsity, dense_masks, is_pruned_leaf, masks_from_scores
+from prospr_jax.methods.densities import density_schedule
 from prospr_jax.methods.imp import (
     check_int,
     check_scope,
@@ -165,13 +166,6 @@ def drive_scores(
     return _drive_scores_jit(loss_fn, params, batch, masks, weight_array, combine=combine)
 
 
-def drive_densities(sparsity: float, rounds: int) -> list[float]:
-    """``d**(t / T)`` for ``t = 1 .. T``: the exponential schedule of iterative SNIP; the last is ``d``."""
-    d = 1.0 - check_sparsity(sparsity)
-    rounds = check_int(rounds, "rounds", low=1)
-    return [d ** (t / rounds) for t in range(1, rounds)] + [d]
-
-
 def drive_masks(
     problem: PruningProblem,
     sparsity: float,
@@ -232,7 +226,7 @@ def drive_masks(
         steps_used += dense_steps
 
     history = []
-    densities = drive_densities(s, rounds)
+    densities = density_schedule(1.0 - s, rounds)  # d**(t/T), the exponential schedule of iterative SNIP
     for t, density in enumerate(densities, start=1):
         scores = drive_scores(
             problem.loss_fn, params, problem.batch(t - 1), weights=weights, combine=combine, masks=masks

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prospr_jax.methods.magnitude import scores_on_prunable
+from prospr_jax.masks import scores_on_prunable
 from prospr_jax.problem import PruningProblem
 from prospr_jax.prospr import LossFn, first_batch, resolve_prunable, stack_batches
 from prospr_jax.prunable import PrunableSpec

@@ -114,13 +114,6 @@ def scores_among_kept(scores: PyTree, masks: PyTree) -> PyTree:
     )
 
 
-def kept_and_total(masks: PyTree) -> tuple[int, int]:
-    """Kept and total entries over the pruned (``ndim >= 1``) mask leaves."""
-    leaves = [m for m in jax.tree_util.tree_leaves(masks) if is_pruned_leaf(m)]
-    kept = jax.device_get([jnp.count_nonzero(m) for m in leaves])
-    return int(sum(int(k) for k in kept)), int(sum(int(np.size(m)) for m in leaves))
-
-
 def round_record(round_index: int, target_sparsity: float, masks: PyTree, params: PyTree) -> dict:
     """History entry of one pruning round: target and actual sparsity, kept counts per layer."""
     report = sparsity_report(masks, params)
@@ -257,7 +250,7 @@ def imp_masks(
 
     history = []
     trained = None
-    kept_before, _ = kept_and_total(masks)
+    kept_before = sparsity_report(masks, theta_0).prunable_kept
     for r, density in enumerate(densities, start=1):
         start = theta_0 if r == 1 else theta_k
         resume = {"start_step": k} if (r > 1 and k > 0) else {}

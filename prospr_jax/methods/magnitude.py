@@ -13,18 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prospr_jax.masks import scores_on_prunable
 from prospr_jax.methods.densities import lamp_scores
 from prospr_jax.problem import PruningProblem
 from prospr_jax.prunable import PrunableSpec, forward_order, select_prunable
 from prospr_jax.tree import PyTree
-
-
-def scores_on_prunable(values: PyTree, prunable_tree: PyTree) -> PyTree:
-    """``values`` on the leaves where the bool pytree ``prunable_tree`` is True, a 0-d zero elsewhere
-    (the scores convention of :mod:`prospr_jax.masks`)."""
-    return jax.tree_util.tree_map(
-        lambda keep, v: v if keep else jnp.zeros((), jnp.result_type(v)), prunable_tree, values
-    )
 
 
 def magnitude_scores(params: PyTree, prunable: PrunableSpec = None) -> PyTree:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from prospr_jax.methods.snip import snip_scores
 from prospr_jax.problem import PruningProblem
-from prospr_jax.prospr import prospr_scores, stack_batches
+from prospr_jax.prospr import check_num_steps, prospr_scores, stack_batches
 from prospr_jax.tree import PyTree
 
 def prospr_method(
@@ -32,12 +30,11 @@ def prospr_method(
     """
     problem.require("batch_fn", method="prospr")
     problem.reject_problem_options(options, method="prospr")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}")
+    num_steps = check_num_steps(num_steps)
     if single_batch:
         batches = problem.batch(0)
     else:
-        batches = stack_batches([problem.batch(i) for i in range(int(num_steps) + 1)])
+        batches = stack_batches([problem.batch(i) for i in range(num_steps + 1)])
     return prospr_scores(
         problem.loss_fn,
         problem.params,

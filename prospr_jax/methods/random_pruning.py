@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prospr_jax.methods.magnitude import data_free_prunable, scores_on_prunable
+from prospr_jax.masks import scores_on_prunable
+from prospr_jax.methods.magnitude import data_free_prunable
 from prospr_jax.problem import PruningProblem
 from prospr_jax.prunable import PrunableSpec, select_prunable
 from prospr_jax.tree import PyTree
