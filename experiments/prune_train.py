@@ -486,7 +486,7 @@ class Experiment:
             masks = dense_masks(self.params0, problem.prunable_tree())
             return masks, {"method": DENSE, "sparsity": 0.0, "seconds": 0.0}, self.params0
         cfg = self.config
-        masks, info = methods.prune(
+        result = methods.prune(
             cell.method,
             self.problem(),
             cell.sparsity,
@@ -497,8 +497,8 @@ class Experiment:
         )
         # Training starts from the weights the mask was computed on: theta_0, or the rewound
         # weights of the methods that train while pruning (IMP: theta_k; DRIVE: its start params).
-        start = info.get("start_params", info.get("rewound_params", self.params0))
-        return masks, info, start
+        info = {**result.summary(), **result.summary()["extras"], "start_step": result.start_step}
+        return result.masks, info, result.start_params
 
     # ----- one cell
 

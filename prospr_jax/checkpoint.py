@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from prospr_jax.tree import PyTree
+from prospr_jax._src.tree import PyTree
 
 META = "meta"
 

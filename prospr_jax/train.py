@@ -4,7 +4,7 @@ Pruned weights are held at exactly zero for the whole run in two ways at once (M
 conventions"):
 
 * the forward pass uses ``apply_masks(params, masks)``, so a pruned weight never affects the loss;
-* the optimiser is :func:`prospr_jax.masked` around the recipe's SGD, so momentum and weight decay
+* the optimiser is :func:`prospr_jax.masked_optimizer` around the recipe's SGD, so momentum and weight decay
   never move a pruned weight away from ``0.0``.
 
 The masks live inside the optimiser state (:class:`prospr_jax.MaskedState`), i.e. they are data: a
@@ -45,9 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prospr_jax.masks import apply_masks, check_masks
-from prospr_jax.optim import masked, masks_of
-from prospr_jax.tree import PyTree
+from prospr_jax import apply_masks, check_masks, cross_entropy, masked_optimizer, masks_of
+from prospr_jax._src.tree import PyTree
 
 Batch = Mapping[str, Any]
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -177,7 +176,7 @@ def make_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedule:
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
     """The recipe's SGD (unmasked): ``chain(add_decayed_weights(wd), sgd(schedule, momentum))``.
 
-    Wrap it with :func:`prospr_jax.masked` (``Trainer`` does) to hold pruned weights at zero.
+    Wrap it with :func:`prospr_jax.masked_optimizer` (``Trainer`` does) to hold pruned weights at zero.
     """
     momentum = recipe.momentum if recipe.momentum > 0 else None
     sgd = optax.sgd(make_schedule(recipe, steps_per_epoch), momentum=momentum, nesterov=recipe.nesterov)
@@ -195,7 +194,7 @@ class TrainState(NamedTuple):
     Attributes:
       params: parameters; pruned weights are exactly ``0.0``.
       batch_stats: BatchNorm running statistics (``{}`` for models without BatchNorm).
-      opt_state: state of ``masked(recipe optimiser, masks)``; holds the masks.
+      opt_state: state of ``masked_optimizer(recipe optimiser, masks)``; holds the masks.
       step: int32 scalar, the global optimiser step (drives the lr schedule and ``step_key``).
       rng: uint32 [2] base PRNG key; step ``t`` uses ``fold_in(rng, t)`` (dropout etc.), so the
         randomness of a step depends only on ``(rng, t)`` and a resumed run repeats it exactly.
@@ -291,7 +290,7 @@ class Trainer:
             raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
         masks = jax.tree_util.tree_map(jnp.asarray, masks)
         params = apply_masks(params, masks)
-        opt_state = masked(self.optimizer, masks).init(params)
+        opt_state = masked_optimizer(self.optimizer, masks).init(params)
         if start_step:
             opt_state = _set_schedule_count(opt_state, int(start_step))
         return TrainState(
@@ -310,12 +309,11 @@ class Trainer:
             logits, new_stats = _logits_and_stats(
                 self.model, apply_masks(params, masks), state.batch_stats, images, train=True, key=step_key(state)
             )
-            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = cross_entropy(logits, labels)
             return loss, (logits, new_stats)
 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = masked(self.optimizer, masks).update(grads, state.opt_state, state.params)
+        updates, opt_state = masked_optimizer(self.optimizer, masks).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,

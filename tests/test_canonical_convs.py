@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from prospr_jax.canonical_convs import _is_canonical, canonicalize_convs
+from prospr_jax._src.jaxpr.canonical_convs import _is_canonical, canonicalize_convs
 
 
 def _conv_specs(jaxpr) -> list:

@@ -12,8 +12,19 @@ import optax
 import pytest
 
 import prospr_jax as pj
-from prospr_jax.methods.drive import drive_masks, drive_scores
-from prospr_jax.methods.imp import imp_masks, imp_num_rounds
+from prospr_jax.methods import drive_scores, imp_num_rounds
+
+
+def imp_masks(problem, sparsity, **options):
+    """IMP through the registry: ``(masks, result)``."""
+    result = pj.methods.prune("imp", problem, sparsity, **options)
+    return result.masks, result
+
+
+def drive_masks(problem, sparsity, **options):
+    """DRIVE through the registry: ``(masks, result)``."""
+    result = pj.methods.prune("drive", problem, sparsity, **options)
+    return result.masks, result
 
 SIZES = (8, 16, 4)
 N_PRUNABLE = 8 * 16 + 16 * 4  # 192 kernel weights
@@ -132,15 +143,15 @@ def test_imp_round_count(sparsity, rounds):
 def test_imp_schedule_exact_sparsity_and_magnitude_pruning_among_kept(sparsity, rounds, final_kept):
     train_fn = RecordingTrainFn(_data())
     problem = _problem(train_fn)
-    masks, info = imp_masks(problem, sparsity)
+    masks, result = imp_masks(problem, sparsity)
 
-    assert info["rounds"] == rounds and len(info["history"]) == rounds
+    assert result.extras["rounds"] == rounds and len(result.history) == rounds
     assert len(train_fn.calls) == rounds  # k = 0: no rewind run, one training per round
     final = _flat_kernels(masks)
     assert final.sum() == final_kept == _count(1 - sparsity, N_PRUNABLE)
     expected_kept = [_count(0.8**r, N_PRUNABLE) for r in range(1, rounds)] + [final_kept]
-    assert [h["kept"] for h in info["history"]] == expected_kept
-    assert info["history"][-1]["sparsity"] == pytest.approx(1 - final_kept / N_PRUNABLE)
+    assert [h["kept"] for h in result.history] == expected_kept
+    assert result.history[-1]["sparsity"] == pytest.approx(1 - final_kept / N_PRUNABLE)
 
     # Round r trains with mask m_{r-1}; the next mask keeps the largest |trained| among the kept.
     round_masks = [c["masks"] for c in train_fn.calls] + [masks]
@@ -164,10 +175,10 @@ def test_imp_prunes_only_kept_weights_even_when_kept_weights_are_zero():
         out = inner(params, masks, steps=steps, key=key)
         return out if len(inner.calls) == 1 else jax.tree_util.tree_map(jnp.zeros_like, out)
 
-    masks, info = imp_masks(_problem(zeroing_train_fn), 0.5)
+    masks, result = imp_masks(_problem(zeroing_train_fn), 0.5)
     round_masks = [_flat_kernels(c["masks"]) for c in inner.calls] + [_flat_kernels(masks)]
     assert not np.array_equal(round_masks[1], np.sort(round_masks[1])[::-1])  # round 1 is not a prefix
-    for before, after, kept in zip(round_masks[1:], round_masks[2:], [h["kept"] for h in info["history"][1:]]):
+    for before, after, kept in zip(round_masks[1:], round_masks[2:], [h["kept"] for h in result.history[1:]]):
         assert np.all(after <= before) and after.sum() == kept
         np.testing.assert_array_equal(after, _top_k_among(np.zeros_like(before), before == 1, kept))
 
@@ -175,10 +186,10 @@ def test_imp_prunes_only_kept_weights_even_when_kept_weights_are_zero():
 def test_imp_rewinds_all_params_to_theta_0_bitwise():
     train_fn = RecordingTrainFn(_data())
     problem = _problem(train_fn)
-    masks, info = imp_masks(problem, 0.5)
-    assert info["rewind_step"] == 0
-    _assert_trees_equal(info["rewound_params"], problem.params)
-    _assert_trees_equal(info["start_params"], problem.params)
+    masks, result = imp_masks(problem, 0.5)
+    assert result.extras["rewind_step"] == 0
+    _assert_trees_equal(result.start_params, problem.params)
+    _assert_trees_equal(result.start_params, problem.params)
     # every round's training starts from theta_0 with the current mask applied (biases rewound too)
     for call in train_fn.calls:
         _assert_trees_equal(call["params"], pj.apply_masks(problem.params, call["masks"]))
@@ -189,9 +200,9 @@ def test_imp_rewinds_to_theta_k_from_an_independent_dense_run():
     k = 5
     train_fn = RecordingTrainFn(_data())
     problem = _problem(train_fn)
-    masks, info = imp_masks(problem, 0.5, rewind_step=k, round_steps=3)
+    masks, result = imp_masks(problem, 0.5, rewind_step=k, round_steps=3)
     theta_k = _sgd(problem.params, pj.dense_masks(problem.params), _data(), k)  # independent run
-    _assert_trees_equal(info["rewound_params"], theta_k)
+    _assert_trees_equal(result.start_params, theta_k)
     assert not np.array_equal(theta_k["layer0"]["kernel"], problem.params["layer0"]["kernel"])
     first, round1, *later = train_fn.calls
     assert first["steps"] == k and _flat_kernels(first["masks"]).min() == 1
@@ -199,7 +210,7 @@ def test_imp_rewinds_to_theta_k_from_an_independent_dense_run():
     _assert_trees_equal(round1["params"], problem.params)  # the dense run starts at theta_0
     assert len(later) == 3
     assert "start_step" not in first and "start_step" not in round1
-    assert info["start_step"] == k
+    assert result.start_step == k
     for call in later:  # all params rewound to theta_k, pruned weights zero, schedule continued from k
         assert call["start_step"] == k
         _assert_trees_equal(call["params"], pj.apply_masks(theta_k, call["masks"]))
@@ -209,24 +220,24 @@ def test_imp_rewinds_to_theta_k_from_an_independent_dense_run():
 @pytest.mark.filterwarnings("ignore::prospr_jax.LayerCollapseWarning")
 def test_imp_layerwise_max_rounds_eval_fn_and_zero_sparsity():
     problem = _problem()
-    masks, info = imp_masks(problem, 0.8, scope="layerwise")
+    masks, result = imp_masks(problem, 0.8, scope="layerwise")
     for name, n in zip(KERNELS, (128, 64)):
         assert int(np.sum(masks[name]["kernel"])) == _count(0.2, n)
-        assert [h["kept_per_layer"][f"{name}/kernel"] for h in info["history"]][:-1] == [
-            _count(0.8**r, n) for r in range(1, info["rounds"])
+        assert [h["kept_per_layer"][f"{name}/kernel"] for h in result.history][:-1] == [
+            _count(0.8**r, n) for r in range(1, result.extras["rounds"])
         ]
 
     seen = []
-    masks, info = imp_masks(
+    masks, result = imp_masks(
         _problem(), 0.9, max_rounds=3, eval_fn=lambda p, m: seen.append(1) or {"loss": float(_loss(p, _data()))}
     )
-    assert info["rounds"] == 3 and len(seen) == 3
-    assert [h["kept"] for h in info["history"]] == [_count(0.1 ** (r / 3), N_PRUNABLE) for r in (1, 2, 3)]
-    assert info["prune_fraction_used"] == pytest.approx(1 - 0.1 ** (1 / 3))
-    assert all(np.isfinite(h["metrics"]["loss"]) for h in info["history"])
+    assert result.extras["rounds"] == 3 and len(seen) == 3
+    assert [h["kept"] for h in result.history] == [_count(0.1 ** (r / 3), N_PRUNABLE) for r in (1, 2, 3)]
+    assert result.extras["prune_fraction_used"] == pytest.approx(1 - 0.1 ** (1 / 3))
+    assert all(np.isfinite(h["metrics"]["loss"]) for h in result.history)
 
-    masks, info = imp_masks(_problem(), 0.0)
-    assert info["rounds"] == 0 and _flat_kernels(masks).min() == 1
+    masks, result = imp_masks(_problem(), 0.0)
+    assert result.extras["rounds"] == 0 and _flat_kernels(masks).min() == 1
 
 
 # --------------------------------------------------------------------------- DRIVE
@@ -295,17 +306,17 @@ def test_drive_dense_phase_schedule_and_exact_sparsity():
         train_fn = RecordingTrainFn(_data(jnp.float64))
         problem = _problem(train_fn, jnp.float64)
         sparsity, rounds = 0.8, 3
-        masks, info = drive_masks(problem, sparsity, dense_steps=7, rounds=rounds, round_steps=2)
+        masks, result = drive_masks(problem, sparsity, dense_steps=7, rounds=rounds, round_steps=2)
 
         dense_call, *between = train_fn.calls
         assert dense_call["steps"] == 7
         _assert_trees_equal(dense_call["params"], problem.params)
         assert _flat_kernels(dense_call["masks"]).min() == 1 and np.shape(dense_call["masks"]["layer0"]["bias"]) == ()
         assert [c["steps"] for c in between] == [2] * (rounds - 1)
-        assert info["train_steps"] == 7 + 2 * (rounds - 1) and info["train_calls"] == rounds
+        assert result.extras["train_steps"] == 7 + 2 * (rounds - 1) and result.extras["train_calls"] == rounds
 
         expected_kept = [_count(0.2 ** (t / rounds), N_PRUNABLE) for t in range(1, rounds + 1)]
-        assert [h["kept"] for h in info["history"]] == expected_kept
+        assert [h["kept"] for h in result.history] == expected_kept
         assert _flat_kernels(masks).sum() == _count(0.2, N_PRUNABLE) == 39
 
         # Round 1 ranks the numpy DRIVE score of the dense-TRAINED params on batch 0.
@@ -327,17 +338,17 @@ def test_drive_dense_phase_schedule_and_exact_sparsity():
             assert np.all(after <= before)
             np.testing.assert_array_equal(after, _top_k_among(flat, before == 1, expected_kept[t]))
 
-        assert info["start_from"] == "theta0"
-        _assert_trees_equal(info["start_params"], problem.params)
-        _assert_trees_equal(info["trained_params"], pj.apply_masks(between[-1]["out"], masks))
+        assert result.extras["start_from"] == "theta0"
+        _assert_trees_equal(result.start_params, problem.params)
+        _assert_trees_equal(result.extras["trained_params"], pj.apply_masks(between[-1]["out"], masks))
 
 
 def test_drive_start_from_trained_and_options_change_the_masks():
     problem = _problem()
     kw = dict(dense_steps=3, rounds=2, round_steps=1)
-    base, info = drive_masks(problem, 0.7, start_from="trained", **kw)
-    _assert_trees_equal(info["start_params"], info["trained_params"])
-    assert not np.array_equal(info["start_params"]["layer1"]["bias"], problem.params["layer1"]["bias"])
+    base, result = drive_masks(problem, 0.7, start_from="trained", **kw)
+    _assert_trees_equal(result.start_params, result.extras["trained_params"])
+    assert not np.array_equal(result.start_params["layer1"]["bias"], problem.params["layer1"]["bias"])
 
     l1_only, _ = drive_masks(problem, 0.7, weights=(1, 0, 0), **kw)
     grad_only, _ = drive_masks(problem, 0.7, weights=(0, 0, 1), **kw)
@@ -379,7 +390,7 @@ def test_flax_problem_with_masked_optax_train_fn():
         return {"image": data["x"][i % 4], "label": labels[i % 4]}
 
     optimizer = optax.sgd(0.1, momentum=0.9)
-    tx = pj.masked(optimizer, pj.dense_masks(variables["params"]))  # update() reads the masks from the state
+    tx = pj.masked_optimizer(optimizer, pj.dense_masks(variables["params"]))  # update() reads the masks from the state
 
     @jax.jit
     def step(params, state, batch):
@@ -389,7 +400,7 @@ def test_flax_problem_with_masked_optax_train_fn():
 
     def train_fn(params, masks, *, steps=None, key=None, start_step=0):
         params = pj.apply_masks(params, masks)
-        state = pj.masked(optimizer, masks).init(params)
+        state = pj.masked_optimizer(optimizer, masks).init(params)
         for i in range(start_step, start_step + (4 if steps is None else steps)):
             params, state = step(params, state, batch_fn(i))
         return params
@@ -403,13 +414,13 @@ def test_flax_problem_with_masked_optax_train_fn():
     with pytest.raises(ValueError, match="must accept `start_step="):
         imp_masks(problem.replace(train_fn=train_fn_without_start_step), 0.6, rewind_step=1)
     n = 8 * 12 + 12 * 3
-    for masks, info in (
+    for masks, result in (
         imp_masks(problem, 0.6, rewind_step=1),
         drive_masks(problem, 0.6, dense_steps=2, rounds=2, round_steps=1),
     ):
         report = pj.sparsity_report(masks, problem.params)
         assert report.prunable_kept == _count(0.4, n)
-        start = pj.apply_masks(info["start_params"], masks)
+        start = pj.apply_masks(result.start_params, masks)
         trained = train_fn(start, masks, steps=2)
         for leaf, m in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(masks)):
             assert np.all(np.asarray(leaf)[np.broadcast_to(np.asarray(m), np.shape(leaf)) == 0] == 0)

@@ -72,7 +72,7 @@ def test_flax_linen_with_train_mode_batchnorm():
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     selected = pj.select_prunable(params)
-    assert sorted(pj.tree.path_name(p) for p, keep in jax.tree_util.tree_flatten_with_path(selected)[0] if keep) == [
+    assert sorted(pj.path_name(p) for p, keep in jax.tree_util.tree_flatten_with_path(selected)[0] if keep) == [
         "Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
     ]
     scores = pj.prospr_scores(loss_fn, params, batches, num_steps=M, lr=LR)
@@ -112,7 +112,7 @@ def test_flax_nnx_through_split_and_merge():
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     selected = pj.select_prunable(params)
-    names = sorted(pj.tree.path_name(p) for p, keep in jax.tree_util.tree_flatten_with_path(selected)[0] if keep)
+    names = sorted(pj.path_name(p) for p, keep in jax.tree_util.tree_flatten_with_path(selected)[0] if keep)
     assert names == ["hidden/kernel", "out/kernel"], names
     scores = pj.prospr_scores(loss_fn, params, batches, num_steps=M, lr=LR)
     _assert_scores_match(scores, _reference_scores(loss_fn, params, batches, selected), selected)

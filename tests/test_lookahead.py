@@ -11,14 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import prospr_jax as pj
 from prospr_jax import PruningProblem
-from prospr_jax.methods.layer_graph import LayerGraph
-from prospr_jax.methods.lookahead import (
-    lap_masks,
-    lap_neighbour_norms,
-    lap_scores,
-    problem_layer_graph,
-)
+from prospr_jax.graph import LayerGraph
+from prospr_jax.methods.lookahead import lap_neighbour_norms, lap_scores, problem_layer_graph
+
+VARIANT_METHODS = {"lap": "lap", "forward": "lap_forward", "backward": "lap_backward"}
+
+
+def lap_masks(problem, sparsity, *, variant="lap", min_per_layer=0, **options):
+    """Lookahead pruning through the registry: ``(masks, result)``."""
+    result = pj.methods.prune(VARIANT_METHODS[variant], problem, sparsity, min_per_layer=min_per_layer, **options)
+    return result.masks, result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +288,8 @@ def test_bn_fold_without_running_statistics_raises():
     )
     with pytest.raises(ValueError, match="batch statistics"):
         lap_masks(train_loss, 0.5)
-    masks, info = lap_masks(train_loss, 0.5, bn_fold=False)
-    assert info["trace_mode"] == "loss" and not info["bn_folded"]
+    masks, result = lap_masks(train_loss, 0.5, bn_fold=False)
+    assert result.extras["trace_mode"] == "loss" and not result.extras["bn_folded"]
     assert int(masks["fc1"]["kernel"].sum()) == 12
 
 
@@ -439,7 +443,7 @@ def test_variants_match_a_numpy_reference_and_keep_ceil_d_n_per_layer(variant):
     ks = _kernels(11, [(6, 7), (7, 8), (8, 5), (5, 3)])
     problem = _problem(_params(ks), _mlp, (6,))
     sparsity = 0.7
-    masks, info = lap_masks(problem, sparsity, variant=variant)
+    masks, result = lap_masks(problem, sparsity, variant=variant)
     ws = [np.asarray(k, np.float64) for k in ks]
     order = list(range(4)) if variant != "backward" else list(range(3, -1, -1))
     expected = {}
@@ -450,9 +454,9 @@ def test_variants_match_a_numpy_reference_and_keep_ceil_d_n_per_layer(variant):
     for i in range(4):
         got = np.asarray(masks[f"l{i}"]["kernel"])
         np.testing.assert_array_equal(got, expected[i], err_msg=f"{variant} layer {i}")
-        assert got.sum() == math.ceil(round(0.3 * got.size, 6)) == info["kept"][f"l{i}/kernel"]
-    assert info["method"] == {"lap": "lap", "forward": "lap_forward", "backward": "lap_backward"}[variant]
-    assert info["sparsity"] == sparsity and info["seconds"] > 0 and info["graph"] == "traced"
+        assert got.sum() == math.ceil(round(0.3 * got.size, 6)) == result.extras["kept"][f"l{i}/kernel"]
+    assert result.method == VARIANT_METHODS[variant]
+    assert result.sparsity == sparsity and result.seconds > 0 and result.extras["graph"] == "traced"
 
 
 def test_lap_forward_uses_the_pruned_previous_layer():
@@ -472,11 +476,11 @@ def test_excluded_layers_stay_dense_but_remain_neighbours():
     ks = _kernels(13, [(4, 5), (5, 6), (6, 3)])
     problem = _problem(_params(ks), _mlp, (4,), exclude_first=True, exclude_last=True,
                        batch_fn=lambda i: {"image": jnp.ones((2, 4))})
-    masks, info = lap_masks(problem, 0.5)
+    masks, result = lap_masks(problem, 0.5)
     assert masks["l0"]["kernel"].ndim == 0 and masks["l2"]["kernel"].ndim == 0
     ws = [np.asarray(k, np.float64) for k in ks]
     np.testing.assert_array_equal(masks["l1"]["kernel"], _np_top(_np_lap(ws, 1), 0.5))
-    assert info["order"] == ["l1/kernel"]
+    assert result.extras["order"] == ["l1/kernel"]
 
 
 def test_lap_scores_are_jittable():
@@ -505,9 +509,9 @@ def test_unsupported_primitive_raises_naming_it_and_chain_still_works():
     with pytest.raises(ValueError, match=r"(?s)'sort'.*chain=True"):
         lap_masks(problem, 0.5)
     with pytest.warns(UserWarning, match="not folded"):  # BN after l0 could not be looked for
-        masks, info = lap_masks(problem, 0.5, chain=True)
-    assert info["graph"] == "chain" and int(masks["l0"]["kernel"].sum()) == 10
-    masks, info = lap_masks(problem, 0.5, chain=True, bn_fold=False)
+        masks, result = lap_masks(problem, 0.5, chain=True)
+    assert result.extras["graph"] == "chain" and int(masks["l0"]["kernel"].sum()) == 10
+    masks, result = lap_masks(problem, 0.5, chain=True, bn_fold=False)
     ws = [np.asarray(k, np.float64) for k in ks]
     np.testing.assert_array_equal(masks["l1"]["kernel"], _np_top(_np_lap(ws, 1), 0.5))
 
@@ -526,8 +530,8 @@ def test_product_of_two_activations_is_unsupported():
 def test_bad_arguments_raise():
     ks = _kernels(17, [(4, 5), (5, 3)])
     problem = _problem(_params(ks), _mlp, (4,))
-    with pytest.raises(ValueError, match="variant"):
-        lap_masks(problem, 0.5, variant="sideways")
+    with pytest.raises(ValueError, match="unknown pruning method 'lap_sideways'.*lap_forward"):
+        pj.methods.prune("lap_sideways", problem, 0.5)
     with pytest.raises(ValueError, match="sparsity"):
         lap_masks(problem, 1.5)
     with pytest.raises(ValueError, match="not both"):

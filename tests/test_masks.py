@@ -85,7 +85,8 @@ def test_min_per_layer_guard_keeps_total_exact():
     assert _kept(guarded) == math.ceil(0.1 * 116)
     # The big layer gives up its lowest-scoring kept entries.
     assert np.count_nonzero(guarded["big"]["kernel"]) == math.ceil(0.1 * 116) - 3
-    layerwise = pj.masks_from_scores(scores, 0.99, scope="layerwise", min_per_layer=2)
+    with pytest.warns(pj.SparsityWarning, match=r"big/kernel \(1 -> 2 of 100\), small/kernel \(1 -> 2 of 16\)"):
+        layerwise = pj.masks_from_scores(scores, 0.99, scope="layerwise", min_per_layer=2)
     assert np.count_nonzero(layerwise["small"]["kernel"]) == 2
     with pytest.raises(ValueError, match="min_per_layer"):
         pj.masks_from_scores(scores, 0.99, min_per_layer=5)

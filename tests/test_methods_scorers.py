@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 import prospr_jax as pj
 from prospr_jax.methods import (
+    MaskRule,
     balanced_batch,
     density_schedule,
     erk_densities,
@@ -25,7 +26,6 @@ from prospr_jax.methods import (
     magnitude_scores,
     masked_gradient_scores,
     random_scores,
-    rule_masks,
     synflow_masks,
     synflow_scores,
 )
@@ -42,7 +42,7 @@ def chain_params(key, sizes, dtype=jnp.float32):
     }
 
 
-def chain_logits(params, state, x):
+def chain_logits(params, state, x, train=False):
     h = x.reshape(x.shape[0], -1)
     n = len(params)
     for i in range(n):
@@ -66,7 +66,7 @@ def chain_batch_fn(in_dim, classes, size=32):
 
 
 def kept_per_layer(masks):
-    return [int(np.sum(m)) for _, m in pj.tree.named_leaves(masks) if np.ndim(m) >= 1]
+    return [int(np.sum(m)) for _, m in pj.named_leaves(masks) if np.ndim(m) >= 1]
 
 
 def total_kept(masks):
@@ -154,11 +154,11 @@ def test_grasp_temperature_divides_logits_in_both_passes():
         np.testing.assert_allclose(got[layer]["kernel"], expected[layer]["kernel"], rtol=1e-4, atol=1e-12)
         assert not np.allclose(got[layer]["kernel"], cold[layer]["kernel"], rtol=1e-2)
 
-    _, info = pj.methods.prune("grasp", problem, 0.5, samples_per_class=None)
+    info = pj.methods.prune("grasp", problem, 0.5, samples_per_class=None).extras
     assert info["temperature"] == 200.0
     no_apply = problem.replace(apply_fn=None)
     with pytest.warns(UserWarning, match="temperature"):
-        _, info = pj.methods.prune("grasp", no_apply, 0.5, samples_per_class=None)
+        info = pj.methods.prune("grasp", no_apply, 0.5, samples_per_class=None).extras
     assert info["temperature"] == 1.0 and "no apply_fn" in info["temperature_note"]
     with pytest.raises(ValueError, match="apply_fn"):
         pj.methods.score("grasp", no_apply, samples_per_class=None, temperature=100.0)
@@ -234,11 +234,11 @@ def test_synflow_rescaling_avoids_overflow_on_a_deep_narrow_mlp():
     for k in params:
         np.testing.assert_array_equal(auto[k]["kernel"], rescaled[k]["kernel"])
     with pytest.warns(UserWarning, match="overflowed float32 in 1 of 1"):
-        _, info = synflow_masks(chain_logits, params, {}, (256,), 0.5, rounds=1)
+        info = synflow_masks(chain_logits, params, {}, (256,), 0.5, rounds=1).extras
     assert info["precision"] == "float32_or_rescale" and info["rescaled_rounds"] == 1
 
 
-def residual_logits(params, state, x):
+def residual_logits(params, state, x, train=False):
     h = x @ params["in"]["kernel"]
     for i in range(3):
         block = params[f"block{i}"]
@@ -253,7 +253,7 @@ def test_synflow_auto_is_exact_without_overflow_where_rescaling_is_not():
     params.update({f"block{i}": {"a": normal(8, 8), "b": normal(8, 8)} for i in range(3)})
 
     def flat(scores):
-        v = np.concatenate([np.asarray(x).ravel() for _, x in pj.tree.named_leaves(scores)])
+        v = np.concatenate([np.asarray(x).ravel() for _, x in pj.named_leaves(scores)])
         return v / v.sum()
 
     auto = flat(synflow_scores(residual_logits, params, {}, (5,)))
@@ -273,16 +273,17 @@ def test_iterative_synflow_avoids_the_layer_collapse_of_snip():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pj.LayerCollapseWarning)
         snip = pj.masks_from_scores(pj.snip_scores(chain_loss, params, batch_fn(0)), sparsity)
-        one_shot, _ = synflow_masks(chain_logits, params, {}, (100,), sparsity, rounds=1)
+        one_shot = synflow_masks(chain_logits, params, {}, (100,), sparsity, rounds=1).masks
     assert min(kept_per_layer(snip)) == 0, kept_per_layer(snip)
     assert min(kept_per_layer(one_shot)) == 0, kept_per_layer(one_shot)
     with warnings.catch_warnings():
         warnings.simplefilter("error", pj.LayerCollapseWarning)
-        iterative, info = synflow_masks(chain_logits, params, {}, (100,), sparsity, rounds=5)
+        result = synflow_masks(chain_logits, params, {}, (100,), sparsity, rounds=5)
+        iterative = result.masks
     assert min(kept_per_layer(iterative)) > 0, kept_per_layer(iterative)
     assert total_kept(iterative) == pj.kept_count(1 - sparsity, n)
-    assert [h["kept"] for h in info["history"]] == [pj.kept_count(d, n) for d in density_schedule(1 - sparsity, 5)]
-    assert info["revived_total"] == 0
+    assert [h["kept"] for h in result.history] == [pj.kept_count(d, n) for d in density_schedule(1 - sparsity, 5)]
+    assert result.extras["revived_total"] == 0
 
 
 def test_synflow_uses_absolute_batchnorm_statistics_in_inference_mode():
@@ -301,8 +302,8 @@ def test_synflow_uses_absolute_batchnorm_statistics_in_inference_mode():
     negative_mean = -jax.random.uniform(jax.random.key(8), bn["mean"].shape, minval=1.0, maxval=2.0)
     state = {"batch_stats": {"BatchNorm_0": {"mean": negative_mean, "var": bn["var"]}}}
 
-    def logits_fn(p, s, x):
-        return model.apply({"params": p, **s}, x, train=False)
+    def logits_fn(p, s, x, train=False):
+        return model.apply({"params": p, **s}, x, train=train)
 
     got = synflow_scores(logits_fn, variables["params"], state, (3,), precision="float32")
 
@@ -335,10 +336,11 @@ def _tiny_problem_parts():
 def test_iterative_snip_masks_are_monotone_and_hit_the_schedule():
     params, batch_fn = _tiny_problem_parts()
     n = sum(v["kernel"].size for v in params.values())
-    masks, info = iterative_snip_masks(chain_loss, params, batch_fn, 0.9, rounds=4, keep_history_masks=True)
+    result = iterative_snip_masks(chain_loss, params, batch_fn, 0.9, rounds=4, keep_history_masks=True)
+    masks, info = result.masks, {**result.extras, "history": result.history}
     previous = pj.dense_masks(params)
     for m in info["masks_history"]:
-        for (_, new), (_, old) in zip(pj.tree.named_leaves(m), pj.tree.named_leaves(previous)):
+        for (_, new), (_, old) in zip(pj.named_leaves(m), pj.named_leaves(previous)):
             assert np.all(np.asarray(new) <= np.asarray(old))
         previous = m
     expected = [0.1 ** (t / 4) for t in range(1, 5)]
@@ -350,13 +352,14 @@ def test_iterative_snip_masks_are_monotone_and_hit_the_schedule():
 
 def test_force_revives_pruned_weights_and_counts_them():
     params, batch_fn = _tiny_problem_parts()
-    masks, info = force_masks(chain_loss, params, batch_fn, 0.9, rounds=4, keep_history_masks=True)
+    result = force_masks(chain_loss, params, batch_fn, 0.9, rounds=4, keep_history_masks=True)
+    masks, info = result.masks, {**result.extras, "history": result.history}
     previous = pj.dense_masks(params)
     counted = []
     for m in info["masks_history"]:
         counted.append(sum(
             int(np.sum((np.asarray(new) > 0) & (np.asarray(old) == 0)))
-            for (_, new), (_, old) in zip(pj.tree.named_leaves(m), pj.tree.named_leaves(previous))
+            for (_, new), (_, old) in zip(pj.named_leaves(m), pj.named_leaves(previous))
         ))
         previous = m
     assert [h["revived"] for h in info["history"]] == counted
@@ -413,7 +416,7 @@ def test_lamp_scores_match_an_explicit_loop():
             want[u] = flat[u] ** 2 / sum(flat[v] ** 2 for v in range(flat.size) if flat[v] >= flat[u])
         np.testing.assert_allclose(np.asarray(got[layer]["kernel"]).ravel(), want, rtol=1e-6)
     assert np.ndim(got["c"]["bias"]) == 0
-    masks = rule_masks(scores, 0.7, density_rule="lamp")
+    masks = MaskRule(density_rule="lamp").masks(scores, 0.7)
     expected = pj.masks_from_scores(got, 0.7)
     for layer in ("a", "b"):
         np.testing.assert_array_equal(masks[layer]["kernel"], expected[layer]["kernel"])
@@ -454,13 +457,13 @@ def test_erk_densities_hit_the_target_exactly_and_cap_small_layers():
 
     rng = np.random.default_rng(2)
     scores = {k: {"kernel": jnp.asarray(rng.random(v["kernel"].shape))} for k, v in shapes.items()}
-    masks = rule_masks(scores, 0.9, density_rule="erk")
+    masks = MaskRule(density_rule="erk").masks(scores, 0.9)
     dens = erk_densities(shapes, None, 0.9)
     assert total_kept(masks) == pj.kept_count(0.1, n)
     for k in shapes:
         assert int(np.sum(masks[k]["kernel"])) == pj.kept_count(dens[f"{k}/kernel"], sizes[k])
     with pytest.raises(ValueError, match="scope"):
-        rule_masks(scores, 0.9, density_rule="erk", scope="layerwise")
+        MaskRule(density_rule="erk", scope="layerwise")
 
 
 # ----------------------------------------------------------------------------------------------- magnitude, random

@@ -41,7 +41,7 @@ OPTIMISERS = {
 @pytest.mark.parametrize("name", sorted(OPTIMISERS))
 def test_200_masked_steps_leave_pruned_weights_exactly_zero(name):
     params, masks = _setup()
-    tx = pj.masked(OPTIMISERS[name], masks)
+    tx = pj.masked_optimizer(OPTIMISERS[name], masks)
     params = pj.apply_masks(params, masks)
     opt_state = tx.init(params)
 
@@ -80,7 +80,7 @@ def test_without_masking_the_same_optimiser_revives_pruned_weights():
 def test_new_mask_does_not_recompile_the_train_step():
     params, masks = _setup()
     _, masks2 = _setup(key=5)
-    tx = pj.masked(optax.sgd(0.1, momentum=0.9), masks)
+    tx = pj.masked_optimizer(optax.sgd(0.1, momentum=0.9), masks)
     traces = []
 
     @jax.jit
@@ -106,14 +106,14 @@ def test_new_mask_does_not_recompile_the_train_step():
 def test_channel_masks_and_bad_masks():
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "b": jnp.ones(4)}
     masks = {"conv": {"kernel": jnp.array([1.0, 0.0, 1.0, 1.0]).reshape(1, 1, 1, 4)}, "b": jnp.ones(())}
-    tx = pj.masked(optax.sgd(1.0), masks)
+    tx = pj.masked_optimizer(optax.sgd(1.0), masks)
     state = tx.init(params)
     updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
     assert np.all(np.asarray(updates["conv"]["kernel"])[..., 1] == 0.0)
     assert np.all(np.asarray(updates["conv"]["kernel"])[..., 0] == -1.0)
     with pytest.raises(ValueError, match="same tree structure"):
-        pj.masked(optax.sgd(1.0), {"conv": {"kernel": jnp.ones(())}}).init(params)
+        pj.masked_optimizer(optax.sgd(1.0), {"conv": {"kernel": jnp.ones(())}}).init(params)
     with pytest.raises(ValueError, match="structure, shapes and dtypes"):
         pj.set_masks(state, {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "b": jnp.ones(())})
-    with pytest.raises(ValueError, match="no MaskedState"):
+    with pytest.raises(ValueError, match="no MaskedOptimizerState"):
         pj.set_masks(optax.sgd(1.0).init(params), masks)

@@ -3,7 +3,7 @@ plus the registry's errors."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import warnings
 
 import flax.linen as nn
@@ -14,7 +14,6 @@ import pytest
 
 import prospr_jax as pj
 from prospr_jax import methods
-from prospr_jax.methods import registry
 
 CLASSES = 3
 INPUT = (4, 4, 2)
@@ -47,7 +46,7 @@ def problem():
 
 def prunable_total(problem):
     return sum(int(np.size(p)) for (_, p), (_, keep) in zip(
-        pj.tree.named_leaves(problem.params), pj.tree.named_leaves(problem.prunable_tree())) if keep)
+        pj.named_leaves(problem.params), pj.named_leaves(problem.prunable_tree())) if keep)
 
 
 OWN = {
@@ -66,15 +65,15 @@ OWN = {
 @pytest.mark.parametrize("name", sorted(OWN))
 def test_registered_method_reaches_sparsity_exactly_and_is_deterministic(problem, name):
     sparsity = 0.8
-    masks, info = methods.prune(name, problem, sparsity, **OWN[name])
-    again, _ = methods.prune(name, problem, sparsity, **OWN[name])
+    result = methods.prune(name, problem, sparsity, **OWN[name])
+    masks, again = result.masks, methods.prune(name, problem, sparsity, **OWN[name]).masks
     report = pj.sparsity_report(masks, problem.params)
     assert report.prunable_total == prunable_total(problem)
     assert report.prunable_kept == pj.kept_count(1 - sparsity, report.prunable_total)
-    for (_, a), (_, b) in zip(pj.tree.named_leaves(masks), pj.tree.named_leaves(again)):
+    for (_, a), (_, b) in zip(pj.named_leaves(masks), pj.named_leaves(again)):
         np.testing.assert_array_equal(a, b)
-    assert info["method"] == name and info["sparsity"] == sparsity and info["seconds"] > 0
-    assert info["achieved_sparsity"] == pytest.approx(report.sparsity)
+    assert result.method == name and result.sparsity == sparsity and result.seconds > 0
+    assert result.achieved_sparsity == pytest.approx(report.sparsity)
     # BatchNorm scale/bias and the Dense bias stay unpruned
     assert np.ndim(masks["BatchNorm_0"]["scale"]) == 0 and np.ndim(masks["Dense_1"]["bias"]) == 0
 
@@ -93,27 +92,27 @@ def test_scores_follow_their_definition_through_the_registry(problem):
 
 
 def test_random_erk_keeps_erk_counts_per_layer(problem):
-    masks, _ = methods.prune("random", problem, 0.9, density_rule="erk")
+    masks = methods.prune("random", problem, 0.9, density_rule="erk").masks
     dens = methods.erk_densities(problem.params, problem.prunable_tree(), 0.9)
     report = pj.sparsity_report(masks, problem.params)
     for layer in report.layers:
         assert layer.kept == pj.kept_count(dens[layer.name], layer.total)
     assert report.prunable_kept == pj.kept_count(0.1, report.prunable_total)
-    lamp, _ = methods.prune("magnitude", problem, 0.9, density_rule="lamp")
-    direct, _ = methods.prune("lamp", problem, 0.9)
-    for (_, a), (_, b) in zip(pj.tree.named_leaves(lamp), pj.tree.named_leaves(direct)):
+    lamp = methods.prune("magnitude", problem, 0.9, density_rule="lamp").masks
+    direct = methods.prune("lamp", problem, 0.9).masks
+    for (_, a), (_, b) in zip(pj.named_leaves(lamp), pj.named_leaves(direct)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_layerwise_scope_and_min_per_layer(problem):
-    masks, _ = methods.prune("snip", problem, 0.7, scope="layerwise")
+    masks = methods.prune("snip", problem, 0.7, scope="layerwise").masks
     for layer in pj.sparsity_report(masks, problem.params).layers:
         assert layer.kept == pj.kept_count(0.3, layer.total)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pj.LayerCollapseWarning)
-        masks, info = methods.prune("synflow", problem, 0.99, rounds=2, min_per_layer=1)
-    assert all(layer.kept >= 1 for layer in pj.sparsity_report(masks, problem.params).layers)
-    assert info["empty_layers"] == []
+        result = methods.prune("synflow", problem, 0.99, rounds=2, min_per_layer=1)
+    assert all(layer.kept >= 1 for layer in pj.sparsity_report(result.masks, problem.params).layers)
+    assert result.empty_layers == ()
 
 
 def test_functional_cores_compile_under_jit(problem):
@@ -121,8 +120,7 @@ def test_functional_cores_compile_under_jit(problem):
     loss_fn = problem.loss_fn
     cores = {
         "grasp": lambda p: methods.grasp_scores(loss_fn, p, batch, single_batch=True),
-        "synflow": lambda p: methods.synflow_scores(
-            lambda q, s, x: problem.apply_fn(q, s, x, False), p, problem.model_state, INPUT, precision="rescale"),
+        "synflow": lambda p: methods.synflow_scores(problem.apply_fn, p, problem.model_state, INPUT, precision="rescale"),
         "magnitude": lambda p: methods.magnitude_scores(p),
         "random": lambda p: methods.random_scores(jax.random.key(3), p),
         "lamp": lambda p: methods.lamp_scores(methods.magnitude_scores(p)),
@@ -133,7 +131,7 @@ def test_functional_cores_compile_under_jit(problem):
     for name, core in cores.items():
         eager = core(params)
         jitted = jax.jit(core)(params)
-        for (_, a), (_, b) in zip(pj.tree.named_leaves(eager), pj.tree.named_leaves(jitted)):
+        for (_, a), (_, b) in zip(pj.named_leaves(eager), pj.named_leaves(jitted)):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7, err_msg=name)
 
 
@@ -182,13 +180,66 @@ def test_errors(problem):
         methods.prune("force", problem, 0.5, prunable=None)
 
 
-def test_lazy_methods_report_a_missing_module(problem):
-    lazy = registry._Lazy("later", "prospr_jax.methods.not_written_yet", "later_masks")
-    with pytest.raises(ImportError, match="later.*not_written_yet"):
-        lazy(problem, 0.5)
-    for name, module in (("lap", "lookahead"), ("drive", "drive"), ("imp", "imp")):
-        if importlib.util.find_spec(f"prospr_jax.methods.{module}") is None:
-            with pytest.raises(ImportError, match=name):
-                methods.prune(name, problem, 0.5)
-    with pytest.raises(ValueError, match="fixes"):
-        registry.get("lap_forward").fn(problem, 0.5, variant="lap")
+class GradientNorm(methods.Method):
+    """A user's method: |dL/dtheta| on ``batches`` batches, declared like the built-in ones."""
+
+    name = "test_gradnorm"
+    paper = "baseline"
+    idea = "|dL/dtheta| on one batch"
+    data = "1 batch"
+    cost = "1 forward/backward pass"
+    needs = ("batch_fn",)
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        batch_index: int = 0
+
+    def score(self, problem, options):
+        g = jax.grad(problem.loss_fn)(problem.params, problem.batch(options.batch_index))
+        return pj.scores_on_prunable(jax.tree_util.tree_map(jnp.abs, g), problem.prunable_tree())
+
+
+@pytest.fixture
+def user_method():
+    methods.register(GradientNorm)
+    yield GradientNorm.name
+    methods.unregister(GradientNorm.name)
+
+
+def test_a_user_method_registers_and_runs_by_name(problem, user_method):
+    assert user_method in methods.names() and methods.get(user_method).kind == "scores"
+    result = methods.prune(user_method, problem, 0.75, batch_index=1)
+    g = jax.grad(problem.loss_fn)(problem.params, batch_fn(1))
+    expected = pj.masks_from_scores(
+        pj.scores_on_prunable(jax.tree_util.tree_map(jnp.abs, g), problem.prunable_tree()), 0.75
+    )
+    for (_, a), (_, b) in zip(pj.named_leaves(result.masks), pj.named_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    assert result.options == {"batch_index": 1} and result.method == user_method
+    with pytest.raises(ValueError, match=r"no option\(s\) \['batch'\]; its options: batch_index=0"):
+        methods.prune(user_method, problem, 0.75, batch=1)
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(GradientNorm)
+    with pytest.raises(ValueError, match="needs the PruningProblem field.*batch_fn"):
+        methods.prune(user_method, problem.replace(batch_fn=None), 0.5)
+
+
+def test_register_checks_the_declaration():
+    class NoOverride(methods.Method):
+        name, paper, idea, data, cost = "test_nothing", "-", "-", "-", "-"
+
+    with pytest.raises(TypeError, match="exactly one of `score`"):
+        methods.register(NoOverride)
+
+    class BadName(GradientNorm):
+        name = "Bad Name"
+
+    with pytest.raises(ValueError, match="name"):
+        methods.register(BadName)
+
+    class BadNeeds(GradientNorm):
+        name, needs = "test_bad_needs", ("dataset",)
+
+    with pytest.raises(ValueError, match="unknown problem fields"):
+        methods.register(BadNeeds)
+    assert "test_nothing" not in methods.names() and "test_bad_needs" not in methods.names()

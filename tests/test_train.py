@@ -104,7 +104,7 @@ def test_masked_training_reduces_loss_keeps_zeros_and_updates_batchnorm(digits):
     assert after["loss"] < 0.7 * before["loss"]
     assert after["top1"] > before["top1"] + 0.3
     # Momentum buffers of pruned weights stay zero too.
-    assert isinstance(state.opt_state, pj.MaskedState)
+    assert isinstance(state.opt_state, pj.MaskedOptimizerState)
     momentum = state.opt_state.inner_state[1][0].trace
     assert np.any(np.asarray(momentum["conv"]["kernel"]) != 0.0)  # the buffers are live ...
     assert np.all(pruned_values(momentum, masks) == 0.0)  # ... except at pruned weights
@@ -272,10 +272,11 @@ def test_train_fn_drives_imp_through_the_registry(digits):
     trainer = Trainer(model, recipe, data.steps_per_epoch(digits, 64))
     train_fn = make_train_fn(trainer, digits, batch_stats={}, seed=0)
     problem = pj.PruningProblem(params=params, loss_fn=mlp_loss, train_fn=train_fn)
-    masks, info = pj.methods.prune("imp", problem, 0.36, round_steps=3)
+    result = pj.methods.prune("imp", problem, 0.36, round_steps=3)
+    masks = result.masks
     report = pj.sparsity_report(masks, params)
     assert report.prunable_kept == pj.kept_count(0.64, report.prunable_total)
-    trained = train_fn(info["rewound_params"], masks, steps=2)
+    trained = train_fn(result.start_params, masks, steps=2)
     assert np.all(pruned_values(trained, masks) == 0.0)
 
 
@@ -297,7 +298,7 @@ def test_checkpointer_round_trip_keeps_newest_and_errors(tmp_path):
     items, _ = Checkpointer(tmp_path / "ck").restore(2, {"state": state})
     restored = items["state"]
     assert type(restored) is type(state) and int(restored.step) == 2
-    assert isinstance(restored.opt_state, pj.MaskedState)
+    assert isinstance(restored.opt_state, pj.MaskedOptimizerState)
     np.testing.assert_array_equal(restored.rng, jax.random.PRNGKey(7))
     np.testing.assert_array_equal(restored.params["a"], [0.0, 0.0, 2.0])
     (tmp_path / "file").write_text("x")

@@ -1,52 +1,77 @@
-"""Pruning methods, one module each (see METHODS.md for the conventions each one follows).
+"""Pruning methods: one module each, holding the method's math, its adapter and its registry row.
 
-Registry (``prune``, ``score``, ``names``, ``get``, ``table``): every method behind one call on a
-:class:`prospr_jax.PruningProblem`. Functional cores (pure functions of params pytrees):
+Registry (:func:`prune`, :func:`score`, :func:`masks_for`, :func:`names`, :func:`get`,
+:func:`register`, :func:`table`): every method behind one call on a :class:`prospr_jax.PruningProblem`,
+returning a :class:`PruneResult`. Add your own with :func:`register` (see :mod:`prospr_jax.methods.base`).
 
-* :func:`snip_scores`, :func:`grasp_scores`, :func:`synflow_scores`, :func:`magnitude_scores`,
-  :func:`random_scores`, :func:`lamp_scores`: single-round scorers (higher = keep);
-* :func:`iterative_snip_masks`, :func:`force_masks`, :func:`synflow_masks`: iterative pruners;
-* :func:`erk_densities`, :func:`density_schedule`, :func:`rule_masks`: density rules and schedules.
+Functional cores (pure functions of params pytrees, for your own code):
+
+* scorers (higher = keep): :func:`prospr_scores`, :func:`snip_scores`, :func:`grasp_scores`,
+  :func:`synflow_scores`, :func:`magnitude_scores`, :func:`random_scores`, :func:`lamp_scores`,
+  :func:`drive_scores`, :func:`lap_scores`;
+* iterative pruners: :func:`iterative_snip_masks`, :func:`force_masks`, :func:`synflow_masks`;
+* density rules and schedules: :func:`erk_densities`, :class:`MaskRule`, :func:`density_schedule`.
+
+The reference of every method (what it computes, the authors' conventions, where this library departs
+from them) is docs/methods.md in the repository.
 """
 
-from prospr_jax.methods.densities import density_schedule, erk_densities, lamp_scores, rule_masks
-from prospr_jax.methods.grasp import balanced_batch, grasp_scores, temperature_loss
-from prospr_jax.methods.iterative_snip import (
-    force_masks,
-    iterative_masks,
-    iterative_snip_masks,
-    masked_gradient_scores,
-    progressive_prune,
-)
+# Method modules register their row on import; the order below is the order of names() and table().
+from prospr_jax.methods.base import Method, NoOptions, PruneResult, get, names, register, unregister
+from prospr_jax.methods.prospr import ProsPrOptions, meta_gradient, prospr_scores, stack_batches
+from prospr_jax.methods.snip import snip_scores
+from prospr_jax.methods.rules import DENSITY_RULES, MaskRule  # registers magnitude and lamp
+from prospr_jax.methods.rounds import density_schedule, progressive_prune
+from prospr_jax.methods.erk import erk_densities
+from prospr_jax.methods.iterative_snip import force_masks, iterative_masks, iterative_snip_masks, masked_gradient_scores
+from prospr_jax.methods.grasp import balanced_batch, grasp_scores
+from prospr_jax.methods.synflow import synflow_masks, synflow_scores
 from prospr_jax.methods.magnitude import magnitude_scores
 from prospr_jax.methods.random_pruning import random_scores
-from prospr_jax.methods.registry import Method, get, markdown_table, names, prune, score, table
-from prospr_jax.methods.snip import snip_scores
-from prospr_jax.methods.synflow import synflow_masks, synflow_scores
+from prospr_jax.methods.lamp import lamp_scores
+from prospr_jax.methods.lookahead import lap_scores, problem_layer_graph
+from prospr_jax.methods.drive import drive_scores
+from prospr_jax.methods.imp import imp_densities, imp_num_rounds
+from prospr_jax.methods.registry import check_call, markdown_table, masks_for, prune, score, table
 
 __all__ = [
+    "DENSITY_RULES",
+    "MaskRule",
     "Method",
+    "NoOptions",
+    "ProsPrOptions",
+    "PruneResult",
     "balanced_batch",
+    "check_call",
     "density_schedule",
+    "drive_scores",
     "erk_densities",
     "force_masks",
     "get",
     "grasp_scores",
+    "imp_densities",
+    "imp_num_rounds",
     "iterative_masks",
     "iterative_snip_masks",
     "lamp_scores",
+    "lap_scores",
     "magnitude_scores",
     "markdown_table",
     "masked_gradient_scores",
+    "masks_for",
+    "meta_gradient",
     "names",
+    "problem_layer_graph",
     "progressive_prune",
+    "prospr_scores",
     "prune",
     "random_scores",
-    "rule_masks",
+    "register",
     "score",
     "snip_scores",
+    "stack_batches",
     "synflow_masks",
     "synflow_scores",
     "table",
-    "temperature_loss",
+    "unregister",
 ]

@@ -32,39 +32,34 @@ Procedure of :func:`drive_masks` (``T = rounds``, final density ``d = 1 - sparsi
 Which weights the final training starts from is a choice, set by ``start_from``:
 
 * ``'theta0'`` (default): the ORIGINAL initial weights ``theta_0`` with the DRIVE mask: the project's
-  common convention (METHODS.md), which gives every pruning method the same training budget from the
+  common convention (docs/methods.md), which gives every pruning method the same training budget from the
   same start, DRIVE's dense phase counting as pruning cost like IMP's rounds.
 * ``'trained'``: the weights at the end of pruning (dense phase and in-between training included),
   masked: DRIVE read as an early-pruning method that keeps training the pruned network from where
   pruning left it (which of the two the paper's final training uses could not be confirmed). The
-  steps already spent are in ``info['train_steps']``, so the caller can shorten its budget by them.
+  steps already spent are in ``extras['train_steps']``, so the caller can shorten its budget by them.
 
-``info['start_params']`` holds the chosen params (train from ``apply_masks(start_params, masks)``).
+The result's ``start_params`` holds the chosen params (train from ``apply_masks(start_params, masks)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from prospr_jax.masks import apply_masks, check_sparsity, dense_masks, is_pruned_leaf, masks_from_scores
-from prospr_jax.methods.densities import density_schedule
-from prospr_jax.methods.imp import (
-    check_int,
-    check_scope,
-    round_record,
-    scores_among_kept,
-    train_key,
-)
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prunable import PrunableSpec
-from prospr_jax.tree import PyTree, is_traced
-
-LossFn = Callable[[PyTree, Any], jax.Array]
+from prospr_jax._src.losses import LossFn
+from prospr_jax._src.masks import apply_masks, dense_masks, is_pruned_leaf, rank_below_kept
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec
+from prospr_jax._src.tree import PyTree, is_traced
+from prospr_jax._src.validate import check_choice, check_int, check_real
+from prospr_jax.methods.base import Method, PruneResult, register
+from prospr_jax.methods.rounds import density_schedule, round_record, train_key
+from prospr_jax.methods.rules import MaskRule
 
 COMBINES = ("sum", "product")
 START_FROM = ("theta0", "trained")
@@ -81,19 +76,10 @@ def _check_weights(weights: Any) -> tuple:
         raise ValueError(f"`weights` must have 3 entries (L1, connection, convergence), got {weights!r}")
     if any(is_traced(v) for v in values):
         return values
-    try:
-        floats = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise TypeError(f"`weights` must be 3 real numbers, got {weights!r}") from None
-    if any(not math.isfinite(v) or v < 0 for v in floats) or not any(floats):
+    floats = tuple(check_real(v, "weights", low=0.0) for v in values)
+    if not any(floats):
         raise ValueError(f"`weights` must be 3 finite numbers >= 0, not all zero, got {weights!r}")
     return floats
-
-
-def _check_combine(combine: Any) -> str:
-    if not isinstance(combine, str) or combine not in COMBINES:
-        raise ValueError(f"`combine` must be one of {COMBINES}, got {combine!r}")
-    return combine
 
 
 def _normalise(term: jax.Array) -> jax.Array:
@@ -158,7 +144,7 @@ def drive_scores(
       sum is 0). Jitted (compiled once per ``loss_fn``, ``combine`` and shapes); can run under ``jit``
       itself.
     """
-    combine = _check_combine(combine)
+    check_choice(combine, "combine", COMBINES)
     weights = _check_weights(weights)
     if masks is None:
         masks = dense_masks(params, prunable_tree)
@@ -166,97 +152,102 @@ def drive_scores(
     return _drive_scores_jit(loss_fn, params, batch, masks, weight_array, combine=combine)
 
 
-def drive_masks(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    dense_steps: int = 600,
-    rounds: int = 10,
-    round_steps: int = 10,
-    weights: Sequence[float] = (1.0, 1.0, 1.0),
-    combine: str = "sum",
-    start_from: str = "theta0",
-    scope: str = "global",
-    min_per_layer: int = 0,
-) -> tuple[PyTree, dict]:
-    """DRIVE masks: dense training, then iterative pruning by the three-term score (module docstring).
+@dataclasses.dataclass(frozen=True)
+class DriveOptions:
+    """Options of DRIVE (see the module docstring).
 
-    Args:
-      problem: needs ``params`` (``theta_0``), ``loss_fn``, ``batch_fn`` (round ``t`` scores on
-        ``problem.batch(t - 1)``) and ``train_fn``; ``key`` (optional) seeds the training calls (call
-        0: dense phase, call ``t``: training after round ``t``).
-      sparsity: final fraction of prunable weights removed, in [0, 1).
+    Attributes:
       dense_steps: optimiser steps of the dense phase (``>= 0``). Default 600, about 3 epochs of
         CIFAR-10 at batch 256 ("a few epochs"); set it for your data.
       rounds: number of pruning rounds ``T >= 1`` (default 10).
       round_steps: training steps after each round but the last (``>= 0``, default 10).
       weights, combine: the score's form, see :func:`drive_scores`.
       start_from: ``'theta0'`` (default, project convention) or ``'trained'`` (DRIVE continues from the
-        trained weights); decides ``info['start_params']``.
-      scope: ``'global'`` (default) or ``'layerwise'`` ranking.
-      min_per_layer: keep at least this many weights in every layer (collapse guard).
-
-    Returns:
-      ``(masks, info)``: masks keeping exactly ``ceil((1 - sparsity) * N)`` weights, and ``info`` with
-      ``'rounds'``, ``'history'`` (per round: ``round``, ``target_sparsity``, ``sparsity``, ``kept``,
-      ``total``, ``kept_per_layer``, ``batch_index``), ``'start_params'``, ``'start_from'``,
-      ``'trained_params'`` (masked params at the end of pruning), ``'dense_steps'``,
-      ``'round_steps'``, ``'train_steps'`` (steps spent while pruning), ``'train_calls'``,
-      ``'weights'``, ``'combine'``, ``'scope'``.
+        trained weights); decides the result's ``start_params``.
     """
-    problem.require("train_fn", "loss_fn", method="drive")
-    s = check_sparsity(sparsity)
-    dense_steps = check_int(dense_steps, "dense_steps", low=0)
-    rounds = check_int(rounds, "rounds", low=1)
-    round_steps = check_int(round_steps, "round_steps", low=0)
-    weights = _check_weights(weights)
-    combine = _check_combine(combine)
-    if not isinstance(start_from, str) or start_from not in START_FROM:
-        raise ValueError(f"`start_from` must be one of {START_FROM}, got {start_from!r}")
-    scope = check_scope(scope)
-    problem.require("batch_fn", method="drive")
 
-    theta_0 = problem.params
-    masks = dense_masks(theta_0, problem.prunable_tree())
-    params = theta_0
-    calls = steps_used = 0
-    if dense_steps:
-        params = problem.train_fn(theta_0, masks, steps=dense_steps, key=train_key(problem.key, 0))
-        calls += 1
-        steps_used += dense_steps
+    dense_steps: int = 600
+    rounds: int = 10
+    round_steps: int = 10
+    weights: Sequence[float] = (1.0, 1.0, 1.0)
+    combine: str = "sum"
+    start_from: str = "theta0"
 
-    history = []
-    densities = density_schedule(1.0 - s, rounds)  # d**(t/T), the exponential schedule of iterative SNIP
-    for t, density in enumerate(densities, start=1):
-        scores = drive_scores(
-            problem.loss_fn, params, problem.batch(t - 1), weights=weights, combine=combine, masks=masks
-        )
-        masks = masks_from_scores(
-            scores_among_kept(scores, masks), 1.0 - density, scope=scope, min_per_layer=min_per_layer
-        )
-        record = round_record(t, 1.0 - density, masks, theta_0)
-        record["batch_index"] = t - 1
-        history.append(record)
-        if t < rounds and round_steps:
-            params = problem.train_fn(
-                apply_masks(params, masks), masks, steps=round_steps, key=train_key(problem.key, t)
-            )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_steps", check_int(self.dense_steps, "dense_steps", low=0))
+        object.__setattr__(self, "rounds", check_int(self.rounds, "rounds", low=1))
+        object.__setattr__(self, "round_steps", check_int(self.round_steps, "round_steps", low=0))
+        object.__setattr__(self, "weights", _check_weights(self.weights))
+        check_choice(self.combine, "combine", COMBINES)
+        check_choice(self.start_from, "start_from", START_FROM)
+
+
+@register
+class Drive(Method):
+    """Registry row of DRIVE: dense training, then iterative pruning by the three-term score.
+
+    Needs ``params`` (``theta_0``), ``loss_fn``, ``batch_fn`` (round ``t`` scores on
+    ``problem.batch(t - 1)``) and ``train_fn``; ``key`` (optional) seeds the training calls (call 0:
+    dense phase, call ``t``: training after round ``t``). The masks keep exactly ``ceil((1 - sparsity)
+    * N)`` weights (or per layer with ``scope='layerwise'``). ``history`` has per round ``round``,
+    ``target_sparsity``, ``sparsity``, ``kept``, ``total``, ``kept_per_layer``, ``batch_index``;
+    ``extras`` has ``'start_from'``, ``'trained_params'`` (masked params at the end of pruning),
+    ``'dense_steps'``, ``'round_steps'``, ``'train_steps'`` (steps spent while pruning),
+    ``'train_calls'``, ``'weights'``, ``'combine'``, ``'rounds'``.
+    """
+
+    name = "drive"
+    paper = "Saikumar & Varghese, 2024"
+    idea = "dense training for a few epochs, then iterative pruning by |theta| + |theta g| + |g| (per-layer normalised)"
+    data = "training"
+    cost = "a few epochs of dense training + scoring rounds"
+    needs = ("batch_fn", "train_fn")
+    Options = DriveOptions
+    rules = ("scope", "min_per_layer")
+
+    def prune(self, problem: PruningProblem, sparsity: float, options: DriveOptions, rule: MaskRule) -> PruneResult:
+        rule.require_ranked_scope(self.name)
+        theta_0 = problem.params
+        masks = dense_masks(theta_0, problem.prunable_tree())
+        params = theta_0
+        calls = steps_used = 0
+        if options.dense_steps:
+            params = problem.train_fn(theta_0, masks, steps=options.dense_steps, key=train_key(problem.key, 0))
             calls += 1
-            steps_used += round_steps
+            steps_used += options.dense_steps
 
-    trained = apply_masks(params, masks)
-    info = {
-        "rounds": rounds,
-        "history": history,
-        "start_params": theta_0 if start_from == "theta0" else trained,
-        "start_from": start_from,
-        "trained_params": trained,
-        "dense_steps": dense_steps,
-        "round_steps": round_steps,
-        "train_steps": steps_used,
-        "train_calls": calls,
-        "weights": weights,
-        "combine": combine,
-        "scope": scope,
-    }
-    return masks, info
+        history = []
+        # d**(t/T), the exponential schedule of iterative SNIP.
+        for t, density in enumerate(density_schedule(1.0 - sparsity, options.rounds), start=1):
+            scores = drive_scores(
+                problem.loss_fn, params, problem.batch(t - 1), weights=options.weights, combine=options.combine,
+                masks=masks,
+            )
+            masks = rule.masks(rank_below_kept(scores, masks), 1.0 - density)
+            record = round_record(t, 1.0 - density, masks, theta_0)
+            record["batch_index"] = t - 1
+            history.append(record)
+            if t < options.rounds and options.round_steps:
+                params = problem.train_fn(
+                    apply_masks(params, masks), masks, steps=options.round_steps, key=train_key(problem.key, t)
+                )
+                calls += 1
+                steps_used += options.round_steps
+
+        trained = apply_masks(params, masks)
+        extras = {
+            "rounds": options.rounds,
+            "start_from": options.start_from,
+            "trained_params": trained,
+            "dense_steps": options.dense_steps,
+            "round_steps": options.round_steps,
+            "train_steps": steps_used,
+            "train_calls": calls,
+            "weights": list(options.weights),
+            "combine": options.combine,
+        }
+        start = theta_0 if options.start_from == "theta0" else trained
+        return PruneResult(masks=masks, start_params=start, history=tuple(history), extras=extras)
+
+
+__all__ = ["COMBINES", "Drive", "DriveOptions", "START_FROM", "drive_scores"]

@@ -21,7 +21,7 @@ The official code sums per-half-batch gradients; averaging over equal-sized batc
 multiplies ``g`` and ``H g`` by positive constants and leaves the ranking unchanged.
 
 Temperature: the official code divides the logits by ``T = 200`` in BOTH passes (gradient and
-Hessian-gradient product); so does the registry adapter (:func:`grasp_method`), which needs
+Hessian-gradient product); so does the registry row (:class:`Grasp`), which needs
 ``problem.apply_fn`` for it. Without ``apply_fn`` it falls back to ``problem.loss_fn`` with ``T = 1``
 and says so. Data: the official code draws a class-balanced set, 10 samples per class on CIFAR-10
 (:func:`balanced_batch`). BatchNorm runs in training mode (batch statistics), as in the official code.
@@ -33,6 +33,7 @@ weights it trains.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Mapping, Optional
@@ -40,13 +41,15 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from prospr_jax.masks import scores_on_prunable
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prospr import LossFn, first_batch, resolve_prunable, stack_batches
-from prospr_jax.prunable import PrunableSpec
-from prospr_jax.tree import PyTree, leading_axis_sizes
+from prospr_jax._src.losses import ApplyFn, LossFn, classifier_loss
+from prospr_jax._src.masks import scores_on_prunable
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec, prunable_for_loss
+from prospr_jax._src.tree import PyTree, leading_axis_sizes
+from prospr_jax._src.validate import check_bool, check_choice, check_int, check_optional_int, check_real
+from prospr_jax.methods.base import Method, register
+from prospr_jax.methods.prospr import first_batch, stack_batches
 
 HVP_MODES = ("double_backprop", "jvp")
 DEFAULT_TEMPERATURE = 200.0
@@ -70,7 +73,6 @@ def _mean_over_batches(fn, batches: PyTree, single_batch: bool) -> PyTree:
     return _tmap(lambda t: t / n, total)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "single_batch", "hvp"))
 def _theta_times_hg(loss_fn, params, batches, direction, *, single_batch, hvp):
     grad_fn = jax.grad(loss_fn)
     g = _mean_over_batches(lambda b: grad_fn(params, b), batches, single_batch)
@@ -83,6 +85,21 @@ def _theta_times_hg(loss_fn, params, batches, direction, *, single_batch, hvp):
 
     hg = _mean_over_batches(hg_on, batches, single_batch)
     return _tmap(jnp.multiply, params, hg)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "single_batch", "hvp"))
+def _grasp_of_loss(loss_fn, params, batches, direction, *, single_batch, hvp):
+    return _theta_times_hg(loss_fn, params, batches, direction, single_batch=single_batch, hvp=hvp)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "single_batch", "hvp"))
+def _grasp_of_logits(apply_fn, params, model_state, temperature, batches, direction, *, single_batch, hvp):
+    # The model (static) and the temperature (data) instead of a loss closure built per call: the
+    # computation compiles once per apply_fn, whatever the temperature.
+    def loss_fn(p, batch):
+        return classifier_loss(apply_fn, p, model_state, batch, train=True, temperature=temperature)
+
+    return _theta_times_hg(loss_fn, params, batches, direction, single_batch=single_batch, hvp=hvp)
 
 
 def grasp_scores(
@@ -101,7 +118,7 @@ def grasp_scores(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``; put the temperature in it (logits / T) to follow
-        the official code (see :func:`temperature_loss`).
+        the official code (as the registry row does from ``problem.apply_fn``).
       params: initial parameters ``theta``.
       batches: pytree whose leaves have a leading axis of B batches; ``g`` and ``H g`` are averaged over
         them (two passes). With ``single_batch=True``, one batch.
@@ -117,18 +134,25 @@ def grasp_scores(
       Scores pytree: ``theta * (H g)`` on pruned leaves (may be negative), 0-d zero elsewhere. Remove
       the lowest (= the largest GraSP saliency ``S``). Jitted; can be wrapped in ``jax.jit``.
     """
-    if hvp not in HVP_MODES:
-        raise ValueError(f"`hvp` must be one of {HVP_MODES}, got {hvp!r}")
+    check_choice(hvp, "hvp", HVP_MODES)
+    single_batch = check_bool(single_batch, "single_batch")
     if not single_batch:
         _check_stacked(batches)
-    selected = resolve_prunable(
+    selected = prunable_for_loss(
         loss_fn, params, first_batch(batches, single_batch), prunable, exclude_first, exclude_last
     )
-    direction = _tmap(
+    theta_hg = _grasp_of_loss(
+        loss_fn, params, batches, _direction(selected, params, full_gradient), single_batch=single_batch, hvp=hvp
+    )
+    return scores_on_prunable(theta_hg, selected)
+
+
+def _direction(selected: PyTree, params: PyTree, full_gradient: bool) -> PyTree:
+    """1 on the leaves whose gradient enters ``H g`` (the prunable ones, or all), 0 elsewhere."""
+    full_gradient = check_bool(full_gradient, "full_gradient")
+    return _tmap(
         lambda keep, p: jnp.asarray(1.0 if (keep or full_gradient) else 0.0, jnp.result_type(p)), selected, params
     )
-    theta_hg = _theta_times_hg(loss_fn, params, batches, direction, single_batch=bool(single_batch), hvp=hvp)
-    return scores_on_prunable(theta_hg, selected)
 
 
 def _check_stacked(batches: PyTree) -> None:
@@ -141,36 +165,6 @@ def _check_stacked(batches: PyTree) -> None:
             "every leaf of `batches` must have the same leading axis (the number of batches); got "
             f"{dict(sizes)}. For one batch pass `single_batch=True`."
         )
-
-
-class TemperatureLoss:
-    """Mean softmax cross-entropy of ``apply_fn(params, model_state, image, train=True) / temperature``
-    on ``{'image', 'label'}`` batches (integer labels), BatchNorm in training mode.
-
-    Equal (and equally hashed) for the same ``apply_fn`` and ``model_state`` objects and temperature,
-    so building it again for the same problem reuses the compiled GraSP computation.
-    """
-
-    def __init__(self, apply_fn: Any, model_state: PyTree, temperature: float):
-        self.apply_fn, self.model_state, self.temperature = apply_fn, model_state, float(temperature)
-
-    def __call__(self, params: PyTree, batch: Mapping[str, Any]) -> jax.Array:
-        logits = self.apply_fn(params, self.model_state, batch["image"], True) / self.temperature
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-    def _key(self) -> tuple:
-        return (id(self.apply_fn), id(self.model_state), self.temperature)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TemperatureLoss) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-
-def temperature_loss(apply_fn: Any, model_state: PyTree, temperature: float) -> LossFn:
-    """:class:`TemperatureLoss`: cross-entropy of the logits divided by ``temperature``."""
-    return TemperatureLoss(apply_fn, model_state, temperature)
 
 
 def balanced_batch(
@@ -195,9 +189,8 @@ def balanced_batch(
       ``(batch, next_start)``: the balanced batch (``num_classes * samples_per_class`` examples, in the
       order met) and the index of the first batch not read.
     """
-    for name, value in (("num_classes", num_classes), ("samples_per_class", samples_per_class)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    num_classes = check_int(num_classes, "num_classes", low=1)
+    samples_per_class = check_int(samples_per_class, "samples_per_class", low=1)
     counts = np.zeros(int(num_classes), int)
     pieces = []
     i = start
@@ -232,53 +225,13 @@ def balanced_batch(
     return merged, i
 
 
-def _resolve_temperature(problem: PruningProblem, temperature: Optional[float]) -> tuple[float, LossFn, str]:
-    if temperature is None:
-        if problem.apply_fn is None:
-            return 1.0, problem.loss_fn, (
-                "problem has no apply_fn: GraSP used problem.loss_fn without the official temperature "
-                f"(T = 1 instead of {DEFAULT_TEMPERATURE:g})"
-            )
-        temperature = DEFAULT_TEMPERATURE
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"`temperature` must be a positive number, got {temperature!r}") from None
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
-    if temperature == 1.0:
-        return 1.0, problem.loss_fn, "T = 1: problem.loss_fn used as is"
-    if problem.apply_fn is None:
-        raise ValueError(
-            f"GraSP with temperature={temperature:g} needs `problem.apply_fn` (logits / T); pass temperature=1 "
-            "to use problem.loss_fn"
-        )
-    return temperature, temperature_loss(problem.apply_fn, problem.model_state, temperature), (
-        f"cross-entropy of logits / {temperature:g} (official GraSP temperature)"
-    )
+@dataclasses.dataclass(frozen=True)
+class GraspOptions:
+    """Options of GraSP's registry row.
 
-
-def grasp_describe(problem: PruningProblem, *, temperature: Optional[float] = None, **_: Any) -> dict:
-    """Info entries the registry adds for ``'grasp'``: the temperature used and how."""
-    t, _, note = _resolve_temperature(problem, temperature)
-    return {"temperature": t, "temperature_note": note}
-
-
-def grasp_method(
-    problem: PruningProblem,
-    *,
-    temperature: Optional[float] = None,
-    num_batches: int = 1,
-    samples_per_class: Optional[int] = 10,
-    hvp: str = "double_backprop",
-    full_gradient: bool = False,
-) -> PyTree:
-    """Registry adapter of ``'grasp'``.
-
-    Args:
-      problem: needs ``batch_fn``; ``apply_fn`` for the temperature; ``num_classes`` for balanced sets.
+    Attributes:
       temperature: logits divisor; ``None`` = 200 (official) when ``problem.apply_fn`` exists, else 1
-        with a warning (and ``info['temperature_note']`` from ``prune``).
+        with a warning (and ``extras['temperature_note']``).
       num_batches: number of batches (the official ``num_iters``, default 1) over which ``g`` and
         ``H g`` are averaged.
       samples_per_class: build each batch class-balanced with this many examples per class from
@@ -286,29 +239,83 @@ def grasp_method(
         ``problem.batch(0 .. num_batches - 1)`` as they are.
       hvp, full_gradient: see :func:`grasp_scores`.
     """
-    problem.require("batch_fn", method="grasp")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
-        raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}")
-    t, loss_fn, note = _resolve_temperature(problem, temperature)
-    if temperature is None and problem.apply_fn is None:
-        warnings.warn(note, UserWarning, stacklevel=2)
-    if samples_per_class is None:
-        batches = [problem.batch(i) for i in range(num_batches)]
-    else:
-        if problem.num_classes is None:
-            raise ValueError(
-                "method 'grasp' with class-balanced batches needs `PruningProblem(num_classes=...)`; "
-                "or pass samples_per_class=None"
+
+    temperature: Optional[float] = None
+    num_batches: int = 1
+    samples_per_class: Optional[int] = 10
+    hvp: str = "double_backprop"
+    full_gradient: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            object.__setattr__(self, "temperature", check_real(self.temperature, "temperature", low=0.0, low_open=True))
+        object.__setattr__(self, "num_batches", check_int(self.num_batches, "num_batches", low=1))
+        object.__setattr__(self, "samples_per_class", check_optional_int(self.samples_per_class, "samples_per_class", low=1))
+        check_choice(self.hvp, "hvp", HVP_MODES)
+        check_bool(self.full_gradient, "full_gradient")
+
+
+def _temperature(problem: PruningProblem, options: GraspOptions) -> tuple[float, str]:
+    """The temperature used on ``problem`` and how it was chosen."""
+    if options.temperature is None:
+        if problem.apply_fn is None:
+            return 1.0, (
+                "problem has no apply_fn: GraSP used problem.loss_fn without the official temperature "
+                f"(T = 1 instead of {DEFAULT_TEMPERATURE:g})"
             )
-        batches, start = [], 0
-        for _ in range(num_batches):
-            batch, start = balanced_batch(problem.batch, problem.num_classes, samples_per_class, start=start)
-            batches.append(batch)
-    return grasp_scores(
-        loss_fn,
-        problem.params,
-        stack_batches(batches),
-        hvp=hvp,
-        full_gradient=full_gradient,
-        prunable=problem.prunable_tree(),
-    )
+        return DEFAULT_TEMPERATURE, f"cross-entropy of logits / {DEFAULT_TEMPERATURE:g} (official GraSP temperature)"
+    if options.temperature == 1.0:
+        return 1.0, "T = 1: problem.loss_fn used as is"
+    return options.temperature, f"cross-entropy of logits / {options.temperature:g}"
+
+
+@register
+class Grasp(Method):
+    """Registry row of GraSP on a :class:`prospr_jax.PruningProblem` (see :class:`GraspOptions`)."""
+
+    name = "grasp"
+    paper = "Wang et al., ICLR 2020"
+    idea = "remove the largest S = -theta * (H g) (keep gradient flow); logits / 200, 10 samples per class"
+    data = "1 batch"
+    cost = "2 forward/backward passes + 1 Hessian-vector product"
+    needs = ("batch_fn",)
+    Options = GraspOptions
+
+    def requirements(self, options: GraspOptions) -> tuple[str, ...]:
+        needs = list(self.needs)
+        if options.samples_per_class is not None:
+            needs.append("num_classes")
+        if options.temperature not in (None, 1.0):
+            needs.append("apply_fn")
+        return tuple(needs)
+
+    def extras(self, problem: PruningProblem, options: GraspOptions) -> dict:
+        temperature, note = _temperature(problem, options)
+        return {"temperature": temperature, "temperature_note": note}
+
+    def score(self, problem: PruningProblem, options: GraspOptions) -> PyTree:
+        temperature, note = _temperature(problem, options)
+        if options.temperature is None and problem.apply_fn is None:
+            warnings.warn(note, UserWarning, stacklevel=3)
+        if options.samples_per_class is None:
+            batches = [problem.batch(i) for i in range(options.num_batches)]
+        else:
+            batches, start = [], 0
+            for _ in range(options.num_batches):
+                batch, start = balanced_batch(problem.batch, problem.num_classes, options.samples_per_class, start=start)
+                batches.append(batch)
+        batches = stack_batches(batches)
+        selected = problem.prunable_tree()
+        direction = _direction(selected, problem.params, options.full_gradient)
+        kwargs = dict(single_batch=False, hvp=options.hvp)
+        if temperature == 1.0:
+            theta_hg = _grasp_of_loss(problem.loss_fn, problem.params, batches, direction, **kwargs)
+        else:
+            theta_hg = _grasp_of_logits(
+                problem.apply_fn, problem.params, problem.model_state, jnp.asarray(temperature, jnp.float32),
+                batches, direction, **kwargs,
+            )
+        return scores_on_prunable(theta_hg, selected)
+
+
+__all__ = ["DEFAULT_TEMPERATURE", "Grasp", "GraspOptions", "HVP_MODES", "balanced_batch", "grasp_scores"]

@@ -37,11 +37,11 @@ training loop composes. ``train_fn`` is always given params whose pruned weights
   ``steps=None`` the train_fn trains the remaining ``T - k`` steps), so ``train_fn`` must accept
   ``start_step`` when ``k > 0``.
 
-The caller trains the final ticket itself: ``train_fn(apply_masks(info['rewound_params'], masks),
-masks, start_step=info['start_step'])``. ``info['start_params']`` is the same value as
-``info['rewound_params']``; ``info['start_step']`` is ``k``.
+The caller trains the final ticket itself: ``train_fn(apply_masks(result.start_params, result.masks),
+result.masks, start_step=result.start_step)`` (``start_params`` is the rewound ``theta_k``,
+``start_step`` is ``k``).
 
-Scope: global ranking over all prunable weights (METHODS.md, and Frankle et al. 2020 for deep
+Scope: global ranking over all prunable weights (Frankle et al. 2020 for deep
 convolutional networks) by default; ``scope='layerwise'`` keeps the same fraction in every layer.
 Frankle & Carbin 2019 also used different per-layer rates for conv and fully connected layers
 (e.g. 10% / 20%) on their small networks; that variant is not offered.
@@ -49,82 +49,23 @@ Frankle & Carbin 2019 also used different per-layer rates for conv and fully con
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from prospr_jax.masks import (
-    apply_masks,
-    check_sparsity,
-    dense_masks,
-    is_pruned_leaf,
-    kept_count,
-    masks_from_scores,
-    sparsity_report,
-)
-from prospr_jax.problem import PruningProblem
-from prospr_jax.tree import PyTree
+from prospr_jax._src.masks import apply_masks, dense_masks, is_pruned_leaf, rank_below_kept, sparsity_report
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_int, check_optional_int, check_real, check_sparsity
+from prospr_jax.methods.base import Method, PruneResult, register
+from prospr_jax.methods.rounds import round_record, train_key
+from prospr_jax.methods.rules import MaskRule
 
 EvalFn = Callable[[PyTree, PyTree], dict]
-
-SCOPES = ("global", "layerwise")
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def check_int(value: Any, arg: str, *, low: int) -> int:
-    """``value`` as an ``int``, or a clear error naming ``arg`` unless it is an integer ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{arg}` must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"`{arg}` must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_optional_steps(value: Any, arg: str) -> Optional[int]:
-    """``None`` (the caller's full budget) or an integer number of steps ``>= 1``."""
-    return None if value is None else check_int(value, arg, low=1)
-
-
-def check_scope(scope: Any) -> str:
-    if not isinstance(scope, str) or scope not in SCOPES:
-        raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-    return scope
-
-
-def train_key(key: Any, index: int) -> Any:
-    """The PRNG key of the ``index``-th ``train_fn`` call: ``fold_in(key, index)``, or ``None``."""
-    return None if key is None else jax.random.fold_in(key, index)
-
-
-def scores_among_kept(scores: PyTree, masks: PyTree) -> PyTree:
-    """``scores`` with every already-pruned entry set to ``-1``.
-
-    For non-negative scores this puts every pruned entry strictly below every kept one, so
-    ``masks_from_scores`` with a kept count no larger than the current one only removes kept entries
-    (the masks stay monotone). 0-d (unpruned) leaves pass through.
-    """
-    return jax.tree_util.tree_map(
-        lambda s, m: jnp.where(jnp.asarray(m) != 0, s, -1) if is_pruned_leaf(s) else s, scores, masks
-    )
-
-
-def round_record(round_index: int, target_sparsity: float, masks: PyTree, params: PyTree) -> dict:
-    """History entry of one pruning round: target and actual sparsity, kept counts per layer."""
-    report = sparsity_report(masks, params)
-    return {
-        "round": round_index,
-        "target_sparsity": target_sparsity,
-        "sparsity": report.sparsity,
-        "kept": report.prunable_kept,
-        "total": report.prunable_total,
-        "kept_per_layer": {layer.name: layer.kept for layer in report.layers},
-    }
 
 
 # --------------------------------------------------------------------------- the schedule
@@ -152,8 +93,7 @@ def imp_densities(sparsity: float, prune_fraction: float = 0.2, max_rounds: Opti
     s = check_sparsity(sparsity)
     p = _check_prune_fraction(prune_fraction)
     rounds = imp_num_rounds(s, p)
-    if max_rounds is not None:
-        max_rounds = check_int(max_rounds, "max_rounds", low=1)
+    max_rounds = check_optional_int(max_rounds, "max_rounds", low=1)
     d = 1.0 - s
     if rounds == 0:
         return []
@@ -163,15 +103,8 @@ def imp_densities(sparsity: float, prune_fraction: float = 0.2, max_rounds: Opti
 
 
 def _check_prune_fraction(prune_fraction: Any) -> float:
-    if isinstance(prune_fraction, bool):
-        raise TypeError(f"`prune_fraction` must be a number in (0, 1), got {prune_fraction!r}")
-    try:
-        p = float(prune_fraction)
-    except (TypeError, ValueError):
-        raise TypeError(f"`prune_fraction` must be a number in (0, 1), got {prune_fraction!r}") from None
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"`prune_fraction` must be in (0, 1) (0.2 = remove 20% per round), got {prune_fraction!r}")
-    return p
+    """0.2 = remove 20% of the remaining weights per round."""
+    return check_real(prune_fraction, "prune_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 # --------------------------------------------------------------------------- the method
@@ -182,108 +115,106 @@ def magnitude_scores_among_kept(params: PyTree, masks: PyTree) -> PyTree:
     scores = jax.tree_util.tree_map(
         lambda p, m: jnp.abs(p) if is_pruned_leaf(m) else jnp.zeros((), jnp.result_type(p)), params, masks
     )
-    return scores_among_kept(scores, masks)
+    return rank_below_kept(scores, masks)
 
 
-def imp_masks(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    rewind_step: int = 0,
-    prune_fraction: float = 0.2,
-    max_rounds: Optional[int] = None,
-    round_steps: Optional[int] = None,
-    scope: str = "global",
-    min_per_layer: int = 0,
-    eval_fn: Optional[EvalFn] = None,
-) -> tuple[PyTree, dict]:
-    """Lottery-ticket masks by iterative magnitude pruning with rewinding (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class ImpOptions:
+    """Options of IMP.
 
-    Args:
-      problem: needs ``params`` (``theta_0``) and ``train_fn``; ``prunable`` / ``exclude_first`` /
-        ``exclude_last`` choose the pruned leaves; ``key`` (optional) seeds the training calls: call
-        ``i`` gets ``fold_in(key, i)`` (0: the rewind run, ``r``: round ``r``), or ``None``.
-      sparsity: final fraction of prunable weights removed, in [0, 1).
+    Attributes:
       rewind_step: ``k``; 0 rewinds to ``theta_0`` (Frankle & Carbin 2019), ``k > 0`` to the params after
         ``k`` dense training steps (Frankle et al. 2020).
       prune_fraction: fraction of the remaining weights removed per round, in (0, 1); default 0.2.
       max_rounds: optional budget on the number of rounds; when it binds, the per-round fraction is
         raised so that the final sparsity is still exact (exponential schedule).
       round_steps: ``steps`` passed to ``train_fn`` in every round (``None``: the full budget).
-      scope: ``'global'`` (default, one magnitude threshold over all layers) or ``'layerwise'``.
-      min_per_layer: keep at least this many weights in every layer in every round (collapse guard).
       eval_fn: optional ``eval_fn(trained_params, masks) -> dict`` called after each round's training;
         its result is stored as the round's ``'metrics'``.
-
-    Returns:
-      ``(masks, info)``: the ticket's masks (exactly ``ceil((1 - sparsity) * N)`` kept, or per layer
-      with ``scope='layerwise'``) and a dict with ``'rounds'``, ``'history'`` (per round:
-      ``round``, ``target_sparsity``, ``sparsity``, ``kept``, ``total``, ``kept_per_layer``,
-      ``removed`` and optionally ``metrics``), ``'rewound_params'`` (``theta_k``, unmasked: train the
-      ticket from ``apply_masks(rewound_params, masks)``), ``'start_params'`` (the same),
-      ``'rewind_step'``, ``'prune_fraction'``, ``'prune_fraction_used'``, ``'scope'``,
-      ``'last_trained_params'`` (the trained params the last round pruned from; ``None`` with no
-      round) and ``'train_calls'``.
     """
-    problem.require("train_fn", method="imp")
-    s = check_sparsity(sparsity)
-    p = _check_prune_fraction(prune_fraction)
-    k = check_int(rewind_step, "rewind_step", low=0)
-    if max_rounds is not None:
-        max_rounds = check_int(max_rounds, "max_rounds", low=1)
-    round_steps = check_optional_steps(round_steps, "round_steps")
-    scope = check_scope(scope)
-    if eval_fn is not None and not callable(eval_fn):
-        raise TypeError(f"`eval_fn` must be None or a callable (params, masks) -> dict, got {eval_fn!r}")
 
-    theta_0 = problem.params
-    masks = dense_masks(theta_0, problem.prunable_tree())
-    densities = imp_densities(s, p, max_rounds)
-    calls = 0
+    rewind_step: int = 0
+    prune_fraction: float = 0.2
+    max_rounds: Optional[int] = None
+    round_steps: Optional[int] = None
+    eval_fn: Optional[EvalFn] = None
 
-    if k > 0:
-        _require_start_step(problem.train_fn)
-        theta_k = problem.train_fn(theta_0, masks, steps=k, key=train_key(problem.key, 0))
-        calls += 1
-    else:
-        theta_k = theta_0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rewind_step", check_int(self.rewind_step, "rewind_step", low=0))
+        object.__setattr__(self, "prune_fraction", _check_prune_fraction(self.prune_fraction))
+        object.__setattr__(self, "max_rounds", check_optional_int(self.max_rounds, "max_rounds", low=1))
+        object.__setattr__(self, "round_steps", check_optional_int(self.round_steps, "round_steps", low=1))
+        if self.eval_fn is not None and not callable(self.eval_fn):
+            raise TypeError(f"`eval_fn` must be None or a callable (params, masks) -> dict, got {self.eval_fn!r}")
 
-    history = []
-    trained = None
-    kept_before = sparsity_report(masks, theta_0).prunable_kept
-    for r, density in enumerate(densities, start=1):
-        start = theta_0 if r == 1 else theta_k
-        resume = {"start_step": k} if (r > 1 and k > 0) else {}
-        trained = problem.train_fn(
-            apply_masks(start, masks), masks, steps=round_steps, key=train_key(problem.key, r), **resume
-        )
-        calls += 1
-        metrics = None if eval_fn is None else dict(eval_fn(trained, masks))
-        scores = magnitude_scores_among_kept(trained, masks)
-        masks = masks_from_scores(scores, 1.0 - density, scope=scope, min_per_layer=min_per_layer)
-        record = round_record(r, 1.0 - density, masks, theta_0)
-        record["removed"] = kept_before - record["kept"]
-        kept_before = record["kept"]
-        if metrics is not None:
-            record["metrics"] = metrics
-        history.append(record)
 
-    rounds = len(densities)
-    clipped = rounds < imp_num_rounds(s, p)
-    info = {
-        "rounds": rounds,
-        "history": history,
-        "rewound_params": theta_k,
-        "start_params": theta_k,
-        "rewind_step": k,
-        "start_step": k,
-        "prune_fraction": p,
-        "prune_fraction_used": 1.0 - (1.0 - s) ** (1.0 / rounds) if clipped else p,
-        "scope": scope,
-        "last_trained_params": trained,
-        "train_calls": calls,
-    }
-    return masks, info
+@register
+class Imp(Method):
+    """Registry row of IMP: lottery-ticket masks by iterative magnitude pruning with rewinding.
+
+    Needs ``params`` (``theta_0``) and ``train_fn``; ``key`` (optional) seeds the training calls: call
+    ``i`` gets ``fold_in(key, i)`` (0: the rewind run, ``r``: round ``r``), or ``None``. The masks keep
+    exactly ``ceil((1 - sparsity) * N)`` weights (or per layer with ``scope='layerwise'``).
+    ``start_params`` is ``theta_k`` (unmasked) and ``start_step`` is ``k``; ``history`` has per round
+    ``round``, ``target_sparsity``, ``sparsity``, ``kept``, ``total``, ``kept_per_layer``, ``removed``
+    and optionally ``metrics``; ``extras`` has ``'rounds'``, ``'rewind_step'``, ``'prune_fraction'``,
+    ``'prune_fraction_used'``, ``'last_trained_params'`` (the trained params the last round pruned
+    from; ``None`` with no round) and ``'train_calls'``.
+    """
+
+    name = "imp"
+    paper = "Frankle & Carbin, ICLR 2019; Frankle et al., ICML 2020"
+    idea = "train, remove 20% of the remaining weights by |theta|, rewind to theta_k, repeat"
+    data = "training"
+    cost = "ceil(ln(1-s)/ln 0.8) full trainings (11 for 90%, 18 for 98%)"
+    needs = ("train_fn",)
+    Options = ImpOptions
+    rules = ("scope", "min_per_layer")
+
+    def prune(self, problem: PruningProblem, sparsity: float, options: ImpOptions, rule: MaskRule) -> PruneResult:
+        rule.require_ranked_scope(self.name)
+        k, p = options.rewind_step, options.prune_fraction
+        theta_0 = problem.params
+        masks = dense_masks(theta_0, problem.prunable_tree())
+        densities = imp_densities(sparsity, p, options.max_rounds)
+        calls = 0
+        if k > 0:
+            _require_start_step(problem.train_fn)
+            theta_k = problem.train_fn(theta_0, masks, steps=k, key=train_key(problem.key, 0))
+            calls += 1
+        else:
+            theta_k = theta_0
+
+        history = []
+        trained = None
+        kept_before = sparsity_report(masks, theta_0).prunable_kept
+        for r, density in enumerate(densities, start=1):
+            start = theta_0 if r == 1 else theta_k
+            resume = {"start_step": k} if (r > 1 and k > 0) else {}
+            trained = problem.train_fn(
+                apply_masks(start, masks), masks, steps=options.round_steps, key=train_key(problem.key, r), **resume
+            )
+            calls += 1
+            metrics = None if options.eval_fn is None else dict(options.eval_fn(trained, masks))
+            masks = rule.masks(magnitude_scores_among_kept(trained, masks), 1.0 - density)
+            record = round_record(r, 1.0 - density, masks, theta_0)
+            record["removed"] = kept_before - record["kept"]
+            kept_before = record["kept"]
+            if metrics is not None:
+                record["metrics"] = metrics
+            history.append(record)
+
+        rounds = len(densities)
+        clipped = rounds < imp_num_rounds(sparsity, p)
+        extras = {
+            "rounds": rounds,
+            "rewind_step": k,
+            "prune_fraction": p,
+            "prune_fraction_used": 1.0 - (1.0 - sparsity) ** (1.0 / rounds) if clipped else p,
+            "last_trained_params": trained,
+            "train_calls": calls,
+        }
+        return PruneResult(masks=masks, start_params=theta_k, start_step=k, history=tuple(history), extras=extras)
 
 
 def _require_start_step(train_fn: Callable[..., Any]) -> None:
@@ -296,6 +227,8 @@ def _require_start_step(train_fn: Callable[..., Any]) -> None:
         return
     raise ValueError(
         "imp with rewind_step > 0 trains the rewound rounds from step k of the schedule, as Frankle et "
-        "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn and "
-        "prospr_jax.train.make_train_fn)"
+        "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn)"
     )
+
+
+__all__ = ["Imp", "ImpOptions", "imp_densities", "imp_num_rounds", "magnitude_scores_among_kept"]

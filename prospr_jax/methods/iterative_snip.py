@@ -24,20 +24,23 @@ The per-round scoring is ONE jitted function whose inputs are the params, the ma
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from prospr_jax.masks import LayerCollapseWarning, apply_masks, check_sparsity, dense_masks, is_pruned_leaf
-from prospr_jax.methods.densities import density_schedule, rule_masks
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prospr import LossFn, resolve_prunable, stack_batches
-from prospr_jax.prunable import PrunableSpec
-from prospr_jax.tree import PyTree
+from prospr_jax._src.losses import LossFn
+from prospr_jax._src.masks import apply_masks, dense_masks, is_pruned_leaf, rank_below_kept
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec, prunable_for_loss
+from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_bool, check_choice, check_int, check_sparsity
+from prospr_jax.methods.base import Method, PruneResult, register
+from prospr_jax.methods.prospr import stack_batches
+from prospr_jax.methods.rounds import SCHEDULES, density_schedule, progressive_prune
+from prospr_jax.methods.rules import MaskRule
 
 DEFAULT_ROUNDS = 60
 
@@ -73,76 +76,44 @@ def masked_gradient_scores(loss_fn: LossFn, params: PyTree, masks: PyTree, batch
     def leaf_score(m, theta, wi, gi):
         if not is_pruned_leaf(m):
             return jnp.zeros((), jnp.result_type(theta))
-        if revive:
-            return jnp.abs(theta * gi)
-        return jnp.where(m > 0, jnp.abs(wi * gi), -1.0).astype(jnp.result_type(theta))
+        return jnp.abs((theta if revive else wi) * gi)
 
-    return _tmap(leaf_score, masks, params, w, g)
-
-
-@jax.jit
-def _round_counts(new: PyTree, old: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(kept in ``new``, revived: kept in ``new`` but not in ``old``, pruned: the reverse)."""
-    pairs = [(n, o) for n, o in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)) if is_pruned_leaf(n)]
-    kept = sum(jnp.count_nonzero(n) for n, _ in pairs)
-    revived = sum(jnp.count_nonzero((n > 0) & (o == 0)) for n, o in pairs)
-    pruned = sum(jnp.count_nonzero((n == 0) & (o > 0)) for n, o in pairs)
-    return kept, revived, pruned
+    scores = _tmap(leaf_score, masks, params, w, g)
+    return scores if revive else rank_below_kept(scores, masks)
 
 
-def progressive_prune(
-    round_scores: Callable[[int, PyTree], PyTree],
-    masks: PyTree,
-    sparsity: float,
-    *,
-    rounds: int,
-    schedule: str = "exponential",
-    density_rule: Optional[str] = None,
-    scope: Any = "global",
-    min_per_layer: int = 0,
-    keep_history_masks: bool = False,
-) -> tuple[PyTree, dict]:
-    """The loop shared by the iterative pruners (Iter-SNIP, FORCE, SynFlow).
+@dataclasses.dataclass(frozen=True)
+class IterativeOptions:
+    """Options of Iter-SNIP and FORCE (see :func:`iterative_masks`)."""
 
-    Round ``t = 0 .. rounds - 1`` calls ``round_scores(t, masks)`` (scores of the network masked by the
-    current masks; negative entries rank below every other entry) and keeps the top ``ceil(d_t N)``
-    with :func:`prospr_jax.methods.rule_masks`, ``d_t`` from :func:`density_schedule`; the last round
-    uses ``sparsity`` itself. Layer-collapse warnings are raised for the final mask only.
+    rounds: int = DEFAULT_ROUNDS
+    schedule: str = "exponential"
+    batches_per_round: int = 1
+    reuse_batch: bool = False
+    keep_history_masks: bool = False
 
-    Returns:
-      ``(masks, info)``: ``info['history']`` lists per round ``{'round', 'density', 'kept', 'revived',
-      'pruned'}`` (revived: entries pruned before this round and kept after it; pruned: the reverse);
-      plus ``'rounds'``, ``'schedule'``, ``'revived_total'`` and, with ``keep_history_masks``,
-      ``'masks_history'`` (every round's mask).
-    """
-    target = 1.0 - check_sparsity(sparsity)
-    densities = density_schedule(target, rounds, schedule)
-    history, snapshots = [], []
-    for t, d_t in enumerate(densities):
-        scores = round_scores(t, masks)
-        last = t == len(densities) - 1
-        s_t = float(sparsity) if last else 1.0 - d_t
-        with warnings.catch_warnings():
-            if not last:
-                warnings.simplefilter("ignore", LayerCollapseWarning)
-            new = rule_masks(
-                scores, s_t, density_rule=density_rule, scope=scope, min_per_layer=min_per_layer,
-                negative_means_pruned=True,
-            )
-        kept, revived, pruned = jax.device_get(_round_counts(new, masks))
-        history.append({"round": t + 1, "density": d_t, "kept": int(kept), "revived": int(revived), "pruned": int(pruned)})
-        if keep_history_masks:
-            snapshots.append(new)
-        masks = new
-    info = {
-        "rounds": int(rounds),
-        "schedule": schedule,
-        "history": history,
-        "revived_total": sum(h["revived"] for h in history),
-    }
-    if keep_history_masks:
-        info["masks_history"] = snapshots
-    return masks, info
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rounds", check_int(self.rounds, "rounds", low=1))
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        object.__setattr__(self, "batches_per_round", check_int(self.batches_per_round, "batches_per_round", low=1))
+        check_bool(self.reuse_batch, "reuse_batch")
+        check_bool(self.keep_history_masks, "keep_history_masks")
+
+
+def _iterative(
+    loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], Any], selected: PyTree, sparsity: float,
+    options: IterativeOptions, rule: MaskRule, revive: bool,
+) -> PruneResult:
+    def round_scores(t: int, masks: PyTree) -> PyTree:
+        start = 0 if options.reuse_batch else t * options.batches_per_round
+        batches = stack_batches([batch_fn(start + j) for j in range(options.batches_per_round)])
+        return masked_gradient_scores(loss_fn, params, masks, batches, revive=revive)
+
+    result = progressive_prune(
+        round_scores, dense_masks(params, selected), sparsity, rule, rounds=options.rounds,
+        schedule=options.schedule, keep_history_masks=options.keep_history_masks,
+    )
+    return dataclasses.replace(result, extras={**result.extras, "revive": revive})
 
 
 def iterative_masks(
@@ -156,14 +127,14 @@ def iterative_masks(
     schedule: str = "exponential",
     batches_per_round: int = 1,
     reuse_batch: bool = False,
+    keep_history_masks: bool = False,
     prunable: PrunableSpec = None,
     exclude_first: bool = False,
     exclude_last: bool = False,
     density_rule: Optional[str] = None,
     scope: Any = "global",
     min_per_layer: int = 0,
-    keep_history_masks: bool = False,
-) -> tuple[PyTree, dict]:
+) -> PruneResult:
     """Progressive pruning by Iter-SNIP (``revive=False``) or FORCE (``revive=True``).
 
     Args:
@@ -178,85 +149,76 @@ def iterative_masks(
       batches_per_round: batches whose gradients are averaged in each round (official
         ``num_batches``; default 1).
       reuse_batch: use the same batch(es) in every round.
+      keep_history_masks: also return every round's mask in ``extras['masks_history']``.
       prunable, exclude_first, exclude_last: which leaves are pruned.
       density_rule, scope, min_per_layer: how each round turns scores into masks
-        (:func:`prospr_jax.methods.rule_masks`; default one global threshold, as the paper).
-      keep_history_masks: also return every round's mask in ``info['masks_history']``.
+        (:class:`prospr_jax.methods.MaskRule`; default one global threshold, as the paper).
 
     Returns:
-      ``(masks, info)`` as :func:`progressive_prune` (``revived`` is always 0 for Iter-SNIP unless a
-      density rule raises a layer's count between rounds), plus ``info['revive']``.
+      A :class:`prospr_jax.methods.PruneResult` as :func:`prospr_jax.methods.rounds.progressive_prune`
+      (``revived`` is always 0 for Iter-SNIP unless a density rule raises a layer's count between
+      rounds), plus ``extras['revive']``.
     """
     check_sparsity(sparsity)
-    if isinstance(batches_per_round, bool) or not isinstance(batches_per_round, (int, np.integer)) or batches_per_round < 1:
-        raise ValueError(f"`batches_per_round` must be an integer >= 1, got {batches_per_round!r}")
-    density_schedule(0.5, rounds, schedule)  # validate before touching data
-    selected = resolve_prunable(loss_fn, params, batch_fn(0), prunable, exclude_first, exclude_last)
-
-    def round_scores(t: int, masks: PyTree) -> PyTree:
-        start = 0 if reuse_batch else t * batches_per_round
-        batches = stack_batches([batch_fn(start + j) for j in range(batches_per_round)])
-        return masked_gradient_scores(loss_fn, params, masks, batches, revive=bool(revive))
-
-    masks, info = progressive_prune(
-        round_scores, dense_masks(params, selected), sparsity, rounds=rounds, schedule=schedule,
-        density_rule=density_rule, scope=scope, min_per_layer=min_per_layer, keep_history_masks=keep_history_masks,
-    )
-    info["revive"] = bool(revive)
-    return masks, info
+    options = IterativeOptions(rounds, schedule, batches_per_round, reuse_batch, keep_history_masks)
+    rule = MaskRule(density_rule, scope, min_per_layer)
+    selected = prunable_for_loss(loss_fn, params, batch_fn(0), prunable, exclude_first, exclude_last)
+    return _iterative(loss_fn, params, batch_fn, selected, sparsity, options, rule, bool(revive))
 
 
 def iterative_snip_masks(
     loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], Any], sparsity: float, **kwargs: Any
-) -> tuple[PyTree, dict]:
+) -> PruneResult:
     """Iter-SNIP: :func:`iterative_masks` with ``revive=False`` (monotone masks)."""
     return iterative_masks(loss_fn, params, batch_fn, sparsity, revive=False, **kwargs)
 
 
 def force_masks(
     loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], Any], sparsity: float, **kwargs: Any
-) -> tuple[PyTree, dict]:
+) -> PruneResult:
     """FORCE: :func:`iterative_masks` with ``revive=True`` (pruned weights can come back)."""
     return iterative_masks(loss_fn, params, batch_fn, sparsity, revive=True, **kwargs)
 
 
-def _problem_masks(method: str, revive: bool, problem: PruningProblem, sparsity: float, **options: Any):
-    problem.require("batch_fn", method=method)
-    problem.reject_problem_options(options, method=method)
-    return iterative_masks(
-        problem.loss_fn, problem.params, problem.batch, sparsity, revive=revive,
-        prunable=problem.prunable_tree(), **options,
-    )
+class _Progressive(Method):
+    data = "T batches"
+    cost = "T forward/backward passes (T = 60)"
+    needs = ("batch_fn",)
+    Options = IterativeOptions
+    revive: bool = False
+
+    def prune(self, problem: PruningProblem, sparsity: float, options: IterativeOptions, rule: MaskRule) -> PruneResult:
+        return _iterative(
+            problem.loss_fn, problem.params, problem.batch, problem.prunable_tree(), sparsity, options, rule, self.revive
+        )
 
 
-def iterative_snip_method(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    density_rule: Optional[str] = None,
-    scope: Any = "global",
-    min_per_layer: int = 0,
-    **options: Any,
-) -> tuple[PyTree, dict]:
-    """Registry adapter of ``'iterative_snip'``: batches ``problem.batch(t)``; options of
-    :func:`iterative_masks` (``rounds``, ``schedule``, ``batches_per_round``, ``reuse_batch``, ...)."""
-    return _problem_masks(
-        "iterative_snip", False, problem, sparsity,
-        density_rule=density_rule, scope=scope, min_per_layer=min_per_layer, **options,
-    )
+@register
+class IterativeSnip(_Progressive):
+    """Registry row of Iter-SNIP: round t scores on ``problem.batch(t)``."""
+
+    name = "iterative_snip"
+    paper = "de Jorge et al., ICLR 2021"
+    idea = "SNIP re-scored on the masked net over T rounds (d_t = d^(t/T)); pruned weights stay pruned"
 
 
-def force_method(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    density_rule: Optional[str] = None,
-    scope: Any = "global",
-    min_per_layer: int = 0,
-    **options: Any,
-) -> tuple[PyTree, dict]:
-    """Registry adapter of ``'force'``: as :func:`iterative_snip_method` with FORCE scoring."""
-    return _problem_masks(
-        "force", True, problem, sparsity,
-        density_rule=density_rule, scope=scope, min_per_layer=min_per_layer, **options,
-    )
+@register
+class Force(_Progressive):
+    """Registry row of FORCE: as Iter-SNIP, scoring every weight at its original value."""
+
+    name = "force"
+    paper = "de Jorge et al., ICLR 2021"
+    idea = "|theta_0 * dL/dw| at w = theta_0 * m over T rounds; pruned weights can come back"
+    revive = True
+
+
+__all__ = [
+    "DEFAULT_ROUNDS",
+    "Force",
+    "IterativeOptions",
+    "IterativeSnip",
+    "force_masks",
+    "iterative_masks",
+    "iterative_snip_masks",
+    "masked_gradient_scores",
+]

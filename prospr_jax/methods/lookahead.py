@@ -16,7 +16,7 @@ Conv kernel ``[kh, kw, in, out]``) the score of ``kernel[..., k, j]`` is
 * ``out_norm[j]``: sum over every consumer of output channel ``j`` of the squared weights out of
   that channel, plus 1 for each identity skip leaving it.
 
-Which kernels are neighbours comes from a :class:`~prospr_jax.methods.layer_graph.LayerGraph`:
+Which kernels are neighbours comes from a :class:`prospr_jax.graph.LayerGraph`:
 traced from the model by default (residual sums, NHWC flattening ``f mod C``, global pooling,
 option-A channel padding; see :mod:`prospr_jax.methods.layer_graph`), the plain chain of the
 official code with ``chain=True``, or an explicit ``neighbours=`` mapping.
@@ -35,8 +35,8 @@ next layers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
 import warnings
 from typing import Any, Mapping, Optional, Sequence
 
@@ -44,14 +44,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prospr_jax.masks import check_sparsity, masks_from_scores
-from prospr_jax.methods.layer_graph import Edge, LayerGraph, LayerTrace, trace_layer_graph
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prunable import default_prunable, forward_order
-from prospr_jax.tree import PyTree, map_with_names, named_leaves, names_in_order, path_name
+from prospr_jax._src.jaxpr.forward_order import forward_order
+from prospr_jax._src.jaxpr.layer_graph import LayerGraph, LayerTrace, trace_layer_graph
+from prospr_jax._src.jaxpr.walk import abstract
+from prospr_jax._src.masks import masks_from_scores
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import default_prunable
+from prospr_jax._src.tree import PyTree, map_with_names, named_leaves, names_in_order, path_name
+from prospr_jax._src.validate import check_bool, check_choice
+from prospr_jax.methods.base import Method, PruneResult, register
+from prospr_jax.methods.rules import MaskRule
 
 VARIANTS = ("lap", "forward", "backward")
-METHOD_NAMES = {"lap": "lap", "forward": "lap_forward", "backward": "lap_backward"}
 
 BNScales = Optional[Sequence[Optional[Any]]]
 
@@ -204,10 +208,6 @@ def _layer_score_impl(params: PyTree, scales: list, graph: LayerGraph, name: str
 # --------------------------------------------------------------------------------------------
 
 
-def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
-
-
 def _example_input(problem: PruningProblem) -> Optional[jax.ShapeDtypeStruct]:
     if problem.input_shape is not None:
         leaves = jax.tree_util.tree_leaves(problem.params)
@@ -247,7 +247,7 @@ def _model_call(problem: PruningProblem, bn_fold: bool) -> tuple[str, Any, PyTre
             del s
             return problem.loss_fn(p, batch)
 
-        batch = _abstract(problem.batch(0))
+        batch = abstract(problem.batch(0))
         try:
             jax.eval_shape(loss, problem.params, {}, batch)
             return "loss", loss, {}, batch
@@ -282,9 +282,7 @@ def _problem_graph(
 ) -> tuple[LayerGraph, Optional[tuple], dict[str, Any]]:
     if not isinstance(problem, PruningProblem):
         raise TypeError(f"`problem` must be a PruningProblem, got {type(problem).__name__}")
-    for arg, value in (("bn_fold", bn_fold), ("chain", chain)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"`{arg}` must be a bool, got {value!r}")
+    bn_fold, chain = check_bool(bn_fold, "bn_fold"), check_bool(chain, "chain")
     if chain and neighbours is not None:
         raise ValueError("pass either `chain=True` or `neighbours=`, not both")
     params = problem.params
@@ -378,42 +376,32 @@ def problem_layer_graph(
 # --------------------------------------------------------------------------------------------
 
 
-def lap_masks(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    variant: str = "lap",
-    bn_fold: bool = True,
-    chain: bool = False,
-    neighbours: Optional[Mapping[str, Mapping[str, Any]]] = None,
-    min_per_layer: int = 0,
-) -> tuple[PyTree, dict[str, Any]]:
-    """Layerwise lookahead pruning masks.
+@dataclasses.dataclass(frozen=True)
+class LapOptions:
+    """Options of lookahead pruning.
 
-    Args:
-      problem: the :class:`~prospr_jax.PruningProblem` (its pruned leaves, model and state).
-      sparsity: fraction of the weights removed in EVERY pruned layer, in [0, 1); each layer keeps
-        exactly ``ceil((1 - sparsity) * N_l)`` weights (ties: the earlier entry is kept).
-      variant: ``'lap'`` (score all layers on the original weights), ``'forward'`` (LAP-forward:
-        prune the layers in forward order, each scored with the already pruned previous layers)
-        or ``'backward'`` (LAP-backward: reverse order, with the already pruned next layers).
+    Attributes:
       bn_fold: fold BatchNorm factors into the neighbour norms (see :func:`problem_layer_graph`).
       chain: use the official code's plain chain of layers instead of the traced graph.
       neighbours: an explicit layer graph (see :meth:`LayerGraph.from_neighbours`).
-      min_per_layer: keep at least this many weights per layer (passed to
-        :func:`prospr_jax.masks_from_scores`).
-
-    Returns:
-      ``(masks, info)``: a mask pytree (full-shape 0/1 on pruned leaves, 0-d ones elsewhere) and
-      ``info`` with ``'method'``, ``'sparsity'``, ``'seconds'``, ``'variant'``, ``'graph'``
-      (``'traced'``/``'chain'``/``'explicit'``), ``'trace_mode'``, ``'bn_folded'``, ``'order'``
-      (layers in the order they were pruned), ``'kept'`` per layer and ``'neighbours'``.
     """
-    start = time.perf_counter()
-    sparsity = check_sparsity(sparsity)
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
-    graph, scales, details = _problem_graph(problem, bn_fold=bn_fold, chain=chain, neighbours=neighbours)
+
+    bn_fold: bool = True
+    chain: bool = False
+    neighbours: Optional[Mapping[str, Mapping[str, Any]]] = None
+
+    def __post_init__(self) -> None:
+        check_bool(self.bn_fold, "bn_fold")
+        check_bool(self.chain, "chain")
+        if self.chain and self.neighbours is not None:
+            raise ValueError("pass either `chain=True` or `neighbours=`, not both")
+
+
+def _lap(problem: PruningProblem, sparsity: float, variant: str, options: LapOptions, min_per_layer: int) -> PruneResult:
+    check_choice(variant, "variant", VARIANTS)
+    graph, scales, details = _problem_graph(
+        problem, bn_fold=options.bn_fold, chain=options.chain, neighbours=options.neighbours
+    )
     scale_list = _check_scales(graph, scales)
     graph.check(problem.params)
     order = [n for n in graph.layers if n in set(graph.scored)]
@@ -435,12 +423,8 @@ def lap_masks(
         masks = map_with_names(
             lambda n, p: layer_masks[n] if n in layer_masks else jnp.ones((), jnp.result_type(p)), problem.params
         )
-    masks = jax.block_until_ready(masks)
     leaves = dict(named_leaves(masks))
-    info = {
-        "method": METHOD_NAMES[variant],
-        "sparsity": sparsity,
-        "seconds": time.perf_counter() - start,
+    extras = {
         "variant": variant,
         "graph": graph.source,
         "trace_mode": details["trace_mode"],
@@ -450,14 +434,56 @@ def lap_masks(
         "neighbours": graph.neighbours(),
     }
     if "chain_mismatches" in details:
-        info["chain_mismatches"] = details["chain_mismatches"]
-    return masks, info
+        extras["chain_mismatches"] = details["chain_mismatches"]
+    return PruneResult(masks=masks, extras=extras)
+
+
+class _Lookahead(Method):
+    paper = "Park et al., ICLR 2020"
+    data = "none"
+    Options = LapOptions
+    rules = ("min_per_layer",)
+    variant = "lap"
+
+    def prune(self, problem: PruningProblem, sparsity: float, options: LapOptions, rule: MaskRule) -> PruneResult:
+        """Layerwise lookahead pruning: every pruned layer keeps exactly ``ceil((1 - sparsity) * N_l)``
+        weights (ties: the earlier entry is kept); the problem's model is traced for the layer graph.
+
+        ``extras`` holds ``'variant'``, ``'graph'`` (``'traced'``/``'chain'``/``'explicit'``),
+        ``'trace_mode'``, ``'bn_folded'``, ``'order'`` (layers in the order they were pruned),
+        ``'kept'`` per layer and ``'neighbours'``.
+        """
+        return _lap(problem, sparsity, self.variant, options, rule.min_per_layer)
+
+
+@register
+class Lap(_Lookahead):
+    name = "lap"
+    idea = "lookahead distortion W[j,k]^2 * ||W_prev[k,:]||^2 * ||W_next[:,j]||^2, layerwise"
+    cost = "one pass over the weights"
+
+
+@register
+class LapForward(_Lookahead):
+    name = "lap_forward"
+    idea = "LAP pruning layers first to last, each with its already pruned predecessor"
+    cost = "one pass per layer, sequential"
+    variant = "forward"
+
+
+@register
+class LapBackward(_Lookahead):
+    name = "lap_backward"
+    idea = "LAP pruning layers last to first, each with its already pruned successor"
+    cost = "one pass per layer, sequential"
+    variant = "backward"
 
 
 __all__ = [
-    "Edge",
-    "LayerGraph",
-    "lap_masks",
+    "Lap",
+    "LapBackward",
+    "LapForward",
+    "LapOptions",
     "lap_neighbour_norms",
     "lap_scores",
     "problem_layer_graph",

@@ -1,4 +1,4 @@
-"""Random pruning at initialization (METHODS.md, "Magnitude and random").
+"""Random pruning at initialization: the baseline every pruning-at-init method must beat.
 
 Scores are i.i.d. uniform in [0, 1), drawn per layer from one PRNG key, so masks are seeded and
 deterministic. The density rule is the caller's: one global threshold (every layer keeps close to the
@@ -8,17 +8,19 @@ same fraction), ``scope='layerwise'`` (exactly the same fraction), or ``density_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prospr_jax.masks import scores_on_prunable
-from prospr_jax.methods.magnitude import data_free_prunable
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prunable import PrunableSpec, select_prunable
-from prospr_jax.tree import PyTree
+from prospr_jax._src.masks import scores_on_prunable
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec, select_prunable
+from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_int
+from prospr_jax.methods.base import Method, register
 
 
 def random_scores(key: jax.Array, params: PyTree, prunable: PrunableSpec = None) -> PyTree:
@@ -44,20 +46,44 @@ def random_scores(key: jax.Array, params: PyTree, prunable: PrunableSpec = None)
     return scores_on_prunable(jax.tree_util.tree_unflatten(treedef, drawn), selected)
 
 
-def random_method(problem: PruningProblem, *, key: Optional[Any] = None, seed: Optional[int] = None) -> PyTree:
-    """Registry adapter of ``'random'``: uniform scores from ``key``, else ``seed``, else
-    ``problem.key``. With ``prune(..., density_rule='erk')`` this is random-ERK.
+@dataclasses.dataclass(frozen=True)
+class RandomOptions:
+    """``key`` (a ``jax.random`` key) or ``seed`` (an int); neither: ``problem.key``."""
 
-    There is no silent default key: a run that forgets its seed should fail, not quietly reuse seed 0.
+    key: Optional[Any] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None and self.seed is not None:
+            raise ValueError("pass `key` or `seed` to 'random', not both")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", check_int(self.seed, "seed", low=0))
+
+
+@register
+class Random(Method):
+    """Registry row of random pruning; with ``prune(..., density_rule='erk')`` this is random-ERK.
+
+    There is no silent default key: a run that forgets its seed fails instead of quietly reusing seed 0.
     """
-    if key is not None and seed is not None:
-        raise ValueError("pass `key` or `seed` to 'random', not both")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"`seed` must be an int, got {seed!r}")
-        key = jax.random.key(int(seed))
-    if key is None:
-        key = problem.key
-    if key is None:
-        raise ValueError("method 'random' needs a PRNG key: set `PruningProblem(key=...)` or pass `key=` or `seed=`")
-    return random_scores(key, problem.params, data_free_prunable(problem, "random"))
+
+    name = "random"
+    paper = "baseline"
+    idea = "uniform random scores (seeded); random-ERK with density_rule='erk'"
+    data = "none"
+    cost = "one random draw per weight"
+    Options = RandomOptions
+
+    def requirements(self, options: RandomOptions) -> tuple[str, ...]:
+        return ("key",) if options.key is None and options.seed is None else ()
+
+    def score(self, problem: PruningProblem, options: RandomOptions) -> PyTree:
+        key = options.key
+        if options.seed is not None:
+            key = jax.random.key(options.seed)
+        if key is None:
+            key = problem.key
+        return random_scores(key, problem.params, problem.prunable_tree())
+
+
+__all__ = ["Random", "RandomOptions", "random_scores"]

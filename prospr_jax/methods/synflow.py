@@ -30,24 +30,27 @@ the official code where pruned weights score 0 and stay below the threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from prospr_jax.masks import apply_masks, check_masks, check_sparsity, dense_masks, is_pruned_leaf
-from prospr_jax.methods.iterative_snip import progressive_prune
-from prospr_jax.methods.magnitude import data_free_prunable
-from prospr_jax.problem import PruningProblem
-from prospr_jax.prunable import PrunableSpec, select_prunable
-from prospr_jax.tree import PyTree
+from prospr_jax._src.losses import ApplyFn
+from prospr_jax._src.masks import apply_masks, check_masks, dense_masks, is_pruned_leaf, rank_below_kept
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec, select_prunable
+from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_bool, check_choice, check_int, check_sparsity
+from prospr_jax.methods.base import Method, PruneResult, register
+from prospr_jax.methods.rounds import SCHEDULES, progressive_prune
+from prospr_jax.methods.rules import MaskRule
 
 PRECISIONS = ("auto", "float64", "float32", "rescale")
 DEFAULT_ROUNDS = 100
 
-LogitsFn = Callable[[PyTree, PyTree, jax.Array], Any]
 _tmap = jax.tree_util.tree_map
 
 
@@ -59,8 +62,7 @@ def x64_enabled() -> bool:
 def resolve_precision(precision: str) -> str:
     """Check ``precision``; ``'auto'`` becomes ``'float64'`` when x64 is enabled, else
     ``'float32_or_rescale'`` (float32, rescaled only on overflow)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
+    check_choice(precision, "precision", PRECISIONS)
     if precision == "auto":
         return "float64" if x64_enabled() else "float32_or_rescale"
     if precision == "float64" and not x64_enabled():
@@ -85,29 +87,26 @@ def _rescale_kernels(theta: PyTree) -> PyTree:
     return _tmap(one, theta)
 
 
-def _scores(logits_fn, theta, state, masks, input_shape, dtype):
+def _scores(apply_fn, theta, state, masks, input_shape, dtype):
     x = jnp.ones((1, *input_shape), dtype)
 
     def synaptic_flow(t):
-        out = logits_fn(t, state, x)
+        out = apply_fn(t, state, x, False)
         return sum(jnp.sum(o) for o in jax.tree_util.tree_leaves(out))
 
     grads = jax.grad(synaptic_flow)(theta)
-
-    def leaf_score(m, t, g):
-        if not is_pruned_leaf(m):
-            return jnp.zeros((), t.dtype)
-        return jnp.where(m > 0, jnp.abs(t * g), -1.0).astype(t.dtype)
-
-    return _tmap(leaf_score, masks, theta, grads)
+    scores = _tmap(
+        lambda m, t, g: jnp.abs(t * g) if is_pruned_leaf(m) else jnp.zeros((), t.dtype), masks, theta, grads
+    )
+    return rank_below_kept(scores, masks)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "input_shape", "precision"))
-def _synflow_round(logits_fn, params, model_state, masks, *, input_shape, precision):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "precision"))
+def _synflow_round(apply_fn, params, model_state, masks, *, input_shape, precision):
     """(scores, rescaled): ``rescaled`` is True when the rescaling guard was used."""
     theta = _tmap(jnp.abs, apply_masks(params, masks))
     state = _tmap(jnp.abs, model_state)
@@ -115,15 +114,15 @@ def _synflow_round(logits_fn, params, model_state, masks, *, input_shape, precis
     if precision == "float64":
         theta, state, dtype = _to_float64(theta), _to_float64(state), jnp.float64
     if precision == "rescale":
-        return _scores(logits_fn, _rescale_kernels(theta), state, masks, input_shape, dtype), jnp.asarray(True)
-    plain = _scores(logits_fn, theta, state, masks, input_shape, dtype)
+        return _scores(apply_fn, _rescale_kernels(theta), state, masks, input_shape, dtype), jnp.asarray(True)
+    plain = _scores(apply_fn, theta, state, masks, input_shape, dtype)
     if precision != "float32_or_rescale":
         return plain, jnp.asarray(False)
     ok = _all_finite(plain)
     scores = jax.lax.cond(
         ok,
         lambda: plain,
-        lambda: _scores(logits_fn, _rescale_kernels(theta), state, masks, input_shape, dtype),
+        lambda: _scores(apply_fn, _rescale_kernels(theta), state, masks, input_shape, dtype),
     )
     return scores, jnp.logical_not(ok)
 
@@ -139,7 +138,7 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
 
 
 def synflow_scores(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
     params: PyTree,
     model_state: PyTree,
     input_shape: tuple[int, ...],
@@ -151,8 +150,9 @@ def synflow_scores(
     """One round of SynFlow scores ``|theta * dR/dtheta|`` (data-free).
 
     Args:
-      logits_fn: ``logits_fn(params, model_state, x) -> outputs`` in INFERENCE mode (BatchNorm with
-        running statistics); outputs may be any pytree, ``R`` sums all of it.
+      apply_fn: the model, ``apply_fn(params, model_state, x, train) -> outputs`` (the library's model
+        convention); called with ``train=False`` (INFERENCE mode: BatchNorm with running statistics);
+        outputs may be any pytree, ``R`` sums all of it. Static argument of the compiled round.
       params: parameters; their absolute values are used.
       model_state: non-trainable state (e.g. ``{'batch_stats': ...}``, or ``{}``); absolute values used.
       input_shape: shape of ONE input example; the input is ``ones((1, *input_shape))``.
@@ -175,11 +175,58 @@ def synflow_scores(
         if prunable is not None:
             raise ValueError("pass `masks` or `prunable`, not both (the masks say which leaves are pruned)")
         check_masks(masks, params)
-    return _synflow_round(logits_fn, params, model_state, masks, input_shape=shape, precision=precision)[0]
+    return _synflow_round(apply_fn, params, model_state, masks, input_shape=shape, precision=precision)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SynflowOptions:
+    """Options of iterative SynFlow (see :func:`synflow_masks`)."""
+
+    rounds: int = DEFAULT_ROUNDS
+    schedule: str = "exponential"
+    precision: str = "auto"
+    keep_history_masks: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rounds", check_int(self.rounds, "rounds", low=1))
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_choice(self.precision, "precision", PRECISIONS)
+        check_bool(self.keep_history_masks, "keep_history_masks")
+
+
+def _synflow(
+    apply_fn: ApplyFn, params: PyTree, model_state: PyTree, input_shape: tuple[int, ...], selected: PyTree,
+    sparsity: float, options: SynflowOptions, rule: MaskRule,
+) -> PruneResult:
+    check_sparsity(sparsity)
+    precision = resolve_precision(options.precision)
+    shape = _check_input_shape(input_shape)
+    rescaled = []
+
+    def round_scores(_: int, current: PyTree) -> PyTree:
+        scores, used = _synflow_round(apply_fn, params, model_state, current, input_shape=shape, precision=precision)
+        rescaled.append(used)
+        return scores
+
+    result = progressive_prune(
+        round_scores, dense_masks(params, selected), sparsity, rule, rounds=options.rounds,
+        schedule=options.schedule, keep_history_masks=options.keep_history_masks,
+    )
+    rescaled_rounds = int(sum(bool(u) for u in jax.device_get(rescaled)))
+    if precision == "float32_or_rescale" and rescaled_rounds:
+        warnings.warn(
+            f"SynFlow overflowed float32 in {rescaled_rounds} of {options.rounds} rounds; those rounds used "
+            "per-layer rescaling, exact only for networks without skip connections or biases. Enable "
+            "x64 (jax.config.update('jax_enable_x64', True)) for exact scores.",
+            UserWarning,
+            stacklevel=3,
+        )
+    extras = {**result.extras, "precision": precision, "rescaled_rounds": rescaled_rounds}
+    return dataclasses.replace(result, extras=extras)
 
 
 def synflow_masks(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
     params: PyTree,
     model_state: PyTree,
     input_shape: tuple[int, ...],
@@ -188,90 +235,48 @@ def synflow_masks(
     rounds: int = DEFAULT_ROUNDS,
     schedule: str = "exponential",
     precision: str = "auto",
+    keep_history_masks: bool = False,
     prunable: PrunableSpec = None,
     density_rule: Optional[str] = None,
     scope: Any = "global",
     min_per_layer: int = 0,
-    keep_history_masks: bool = False,
-) -> tuple[PyTree, dict]:
+) -> PruneResult:
     """Iterative SynFlow: ``rounds`` rounds (default 100, the paper's) to ``d_k = d ** (k / rounds)``.
 
     Each round re-scores the masked network with :func:`synflow_scores` (one jitted function, the mask
-    is data, so all rounds compile once) and keeps the top ``ceil(d_k N)`` under the density rule
+    is data, so all rounds compile once) and keeps the top ``ceil(d_k N)`` under the mask rule
     (default one global threshold, the paper's). ``rounds=1`` is single-shot SynFlow.
 
     Returns:
-      ``(masks, info)`` as :func:`prospr_jax.methods.iterative_snip.progressive_prune`, plus
-      ``info['precision']`` (the resolved overflow guard: ``'float64'``, ``'float32'``, ``'rescale'`` or
-      ``'float32_or_rescale'``) and ``info['rescaled_rounds']`` (rounds scored with rescaling).
+      A :class:`prospr_jax.methods.PruneResult` as :func:`prospr_jax.methods.rounds.progressive_prune`,
+      plus ``extras['precision']`` (the resolved overflow guard: ``'float64'``, ``'float32'``,
+      ``'rescale'`` or ``'float32_or_rescale'``) and ``extras['rescaled_rounds']`` (rounds scored with
+      rescaling).
     """
-    check_sparsity(sparsity)
-    precision = resolve_precision(precision)
-    shape = _check_input_shape(input_shape)
-    masks = dense_masks(params, select_prunable(params, prunable))
+    options = SynflowOptions(rounds, schedule, precision, keep_history_masks)
+    rule = MaskRule(density_rule, scope, min_per_layer)
+    selected = select_prunable(params, prunable)
+    return _synflow(apply_fn, params, model_state, input_shape, selected, sparsity, options, rule)
 
-    rescaled = []
 
-    def round_scores(_: int, current: PyTree) -> PyTree:
-        scores, used = _synflow_round(logits_fn, params, model_state, current, input_shape=shape, precision=precision)
-        rescaled.append(used)
-        return scores
+@register
+class Synflow(Method):
+    """Registry row of SynFlow: needs ``problem.apply_fn`` and ``problem.input_shape``; no data.
+    ``problem.model_state`` (BatchNorm statistics) is used in absolute value."""
 
-    masks, info = progressive_prune(
-        round_scores, masks, sparsity, rounds=rounds, schedule=schedule, density_rule=density_rule,
-        scope=scope, min_per_layer=min_per_layer, keep_history_masks=keep_history_masks,
-    )
-    info["precision"] = precision
-    info["rescaled_rounds"] = int(sum(bool(u) for u in jax.device_get(rescaled)))
-    if precision == "float32_or_rescale" and info["rescaled_rounds"]:
-        warnings.warn(
-            f"SynFlow overflowed float32 in {info['rescaled_rounds']} of {rounds} rounds; those rounds used "
-            "per-layer rescaling, exact only for networks without skip connections or biases. Enable "
-            "x64 (jax.config.update('jax_enable_x64', True)) for exact scores.",
-            UserWarning,
-            stacklevel=2,
+    name = "synflow"
+    paper = "Tanaka et al., NeurIPS 2020"
+    idea = "|theta * dR/dtheta|, R = sum f(ones; |theta|), 100 rounds (d_k = d^(k/100)); no layer collapse"
+    data = "none"
+    cost = "100 forward/backward passes on one all-ones example"
+    needs = ("apply_fn", "input_shape")
+    Options = SynflowOptions
+
+    def prune(self, problem: PruningProblem, sparsity: float, options: SynflowOptions, rule: MaskRule) -> PruneResult:
+        return _synflow(
+            problem.apply_fn, problem.params, problem.model_state, problem.input_shape, problem.prunable_tree(),
+            sparsity, options, rule,
         )
-    return masks, info
 
 
-@functools.lru_cache(maxsize=64)
-def inference_logits_fn(apply_fn: Callable[..., Any]) -> LogitsFn:
-    """``(params, model_state, x) -> apply_fn(params, model_state, x, False)``; one stable function per
-    ``apply_fn`` so repeated calls hit the jit cache."""
-
-    def logits_fn(params: PyTree, model_state: PyTree, x: jax.Array) -> Any:
-        return apply_fn(params, model_state, x, False)
-
-    return logits_fn
-
-
-def synflow_method(
-    problem: PruningProblem,
-    sparsity: float,
-    *,
-    rounds: int = DEFAULT_ROUNDS,
-    schedule: str = "exponential",
-    precision: str = "auto",
-    density_rule: Optional[str] = None,
-    scope: Any = "global",
-    min_per_layer: int = 0,
-    keep_history_masks: bool = False,
-) -> tuple[PyTree, dict]:
-    """Registry adapter of ``'synflow'``: needs ``problem.apply_fn`` and ``problem.input_shape``; no
-    data. ``problem.model_state`` (BatchNorm statistics) is used in absolute value."""
-    problem.require("apply_fn", "input_shape", method="synflow")
-    return synflow_masks(
-        inference_logits_fn(problem.apply_fn),
-        problem.params,
-        problem.model_state,
-        problem.input_shape,
-        sparsity,
-        rounds=rounds,
-        schedule=schedule,
-        precision=precision,
-        prunable=data_free_prunable(problem, "synflow"),
-        density_rule=density_rule,
-        scope=scope,
-        min_per_layer=min_per_layer,
-        keep_history_masks=keep_history_masks,
-    )
+__all__ = ["DEFAULT_ROUNDS", "PRECISIONS", "Synflow", "SynflowOptions", "synflow_masks", "synflow_scores", "x64_enabled"]

@@ -29,7 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from prospr_jax._src.losses import cross_entropy, flax_apply_fn
+from prospr_jax._src.tree import is_traced
+from prospr_jax._src.validate import check_bool, check_int
 
 from . import lenet, resnet, resnet_cifar, vgg
 from .lenet import LeNet5, LeNet300100
@@ -79,17 +82,14 @@ def get(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
       TypeError: name not a str, num_classes not an int, or an unknown keyword.
     """
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, one of {names()}; got {type(name).__name__}.")
+        raise TypeError(f"`name` must be a str, one of {', '.join(names())}; got {type(name).__name__}")
     if name not in _FACTORIES:
-        raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(names())}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise TypeError(f"num_classes must be an int >= 1, got {num_classes!r}.")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(names())}")
+    num_classes = check_int(num_classes, "num_classes", low=1)
     try:
-        return _FACTORIES[name](num_classes=int(num_classes), **kwargs)
+        return _FACTORIES[name](num_classes=num_classes, **kwargs)
     except TypeError as e:
-        raise TypeError(f"Bad keyword argument for model {name!r}: {e}") from e
+        raise TypeError(f"bad keyword argument for model {name!r}: {e}") from e
 
 
 def init(model: nn.Module, rng: Any, input_shape: Sequence[int]) -> tuple[Params, BatchStats]:
@@ -132,20 +132,12 @@ def make_logits_fn(
     running statistics are discarded (this is how pruning scorers use a model); with
     ``train=False`` it uses ``batch_stats``. Pure, so it can be jitted and differentiated.
     """
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a bool, got {train!r}.")
-    if batch_stats is None:
-        batch_stats = {}
+    train = check_bool(train, "train")
+    apply_fn = flax_apply_fn(model)
+    state = {"batch_stats": batch_stats} if batch_stats else {}
 
     def logits_fn(params: Params, images: jax.Array) -> jax.Array:
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        if train:
-            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        else:
-            logits = model.apply(variables, images, train=False)
-        return logits
+        return apply_fn(params, state, images, train)
 
     return logits_fn
 
@@ -161,9 +153,10 @@ def make_loss_fn(
       train: BatchNorm mode (default True: batch statistics, updated statistics discarded).
 
     ``batch`` is a mapping ``{'image': float [N, H, W, C], 'label': int [N]}``. The loss is
-    ``mean_n(logsumexp(logits_n) - logits_n[label_n])``, computed in at least float32. Raises
-    ``ValueError``/``TypeError`` when a key is missing, the batch sizes disagree, the labels
-    are not integers of shape [N] or (when not traced) fall outside [0, num_classes).
+    ``mean_n(logsumexp(logits_n) - logits_n[label_n])``, computed in at least float32
+    (:func:`prospr_jax.cross_entropy`). Raises ``ValueError``/``TypeError`` when a key is missing, the
+    batch sizes disagree, the labels are not integers of shape [N] or (when not traced) fall outside
+    [0, num_classes).
     """
     logits_fn = make_logits_fn(model, batch_stats, train=train)
 
@@ -171,8 +164,7 @@ def make_loss_fn(
         images, labels = _unpack_batch(batch)
         logits = logits_fn(params, images)
         _check_label_range(labels, logits.shape[-1])
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return cross_entropy(logits, labels)
 
     return loss_fn
 
@@ -207,7 +199,7 @@ def _unpack_batch(batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def _check_label_range(labels: Any, num_classes: int) -> None:
-    if isinstance(labels, jax.core.Tracer):
+    if is_traced(labels):
         return
     values = np.asarray(labels)
     if values.size and (values.min() < 0 or values.max() >= num_classes):

@@ -2,8 +2,8 @@
 
 Representation
 --------------
-A *mask* is a pytree with the structure of the params. Each leaf is a float array of 0s and 1s
-(1 = keep) that broadcasts against its parameter leaf:
+A *mask* is a pytree with the structure of the params. Each leaf holds 0s and 1s (1 = keep; floats
+or booleans) and broadcasts against its parameter leaf:
 
 * full shape ``param.shape`` for an unstructured (per-weight) mask;
 * ``[1, ..., 1, C_out]`` for a channel mask (flax kernels keep the output channel on the LAST axis);
@@ -15,6 +15,12 @@ scores in this form, so ``masks_from_scores(scorer(...), sparsity)`` needs nothi
 
 Masks are data, not compile-time constants: they pass through ``jit`` as arrays, so a new mask of the
 same kind does not recompile anything.
+
+Bad values are errors where they can be seen: concrete masks must hold only 0 and 1 (a 0.5 would
+scale weights, a -1 flip them, a NaN poison them), concrete scores must be real and finite. Under
+``jit`` values cannot be checked on the host, so bad values are made loud instead of silently wrong:
+non-finite scores turn the WHOLE mask into NaN, and a traced mask entry other than 0 or 1 turns its
+weight into NaN in :func:`apply_masks`.
 """
 
 from __future__ import annotations
@@ -28,35 +34,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prospr_jax.prunable import PrunableSpec, select_prunable
-from prospr_jax.tree import (
-    PyTree,
-    any_traced,
+from prospr_jax._src.prunable import PrunableSpec, select_prunable
+from prospr_jax._src.topk import top_k_flags
+from prospr_jax._src.tree import PyTree, any_traced, is_traced, named_leaves, names_in_order, path_name
+from prospr_jax._src.validate import (
+    check_finite,
+    check_int,
+    check_real_dtype,
     check_same_structure,
-    is_traced,
-    named_leaves,
-    names_in_order,
-    path_name,
+    check_sparsity,
+    check_zero_one,
 )
 
 Scope = Union[str, Mapping[str, float]]
+SCOPES = ("global", "layerwise")
 
 
 class LayerCollapseWarning(UserWarning):
     """A pruned layer kept zero weights: the network is disconnected there."""
 
 
-def check_sparsity(sparsity: Any, arg: str = "sparsity") -> float:
-    """Return ``sparsity`` as a Python float, or raise naming ``arg`` unless it is in [0, 1)."""
-    if is_traced(sparsity):
-        raise TypeError(f"`{arg}` must be a Python number (static under jit), got a traced value")
-    try:
-        value = float(sparsity)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{arg}` must be a number in [0, 1), got {sparsity!r}") from None
-    if not (0.0 <= value < 1.0) or math.isnan(value):
-        raise ValueError(f"`{arg}` must be in [0, 1), got {sparsity!r}")
-    return value
+class SparsityWarning(UserWarning):
+    """The masks keep more weights than the requested sparsity allows (a per-layer floor won)."""
 
 
 def kept_count(density: float, n: int) -> int:
@@ -78,13 +77,6 @@ def _mask_dtype(score_leaf: Any) -> Any:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-def _check_finite_scores(named: list[tuple[str, Any]]) -> None:
-    flags = jax.device_get([jnp.all(jnp.isfinite(s)) for _, s in named])
-    bad = [name for (name, _), ok in zip(named, flags) if not ok]
-    if bad:
-        raise ValueError(f"`scores` contain NaN or Inf in {names_in_order(bad)}")
-
-
 def _layer_densities(scope: Mapping[str, float], names: list[str]) -> list[float]:
     unknown = sorted(set(scope) - set(names))
     missing = [n for n in names if n not in scope]
@@ -96,55 +88,33 @@ def _layer_densities(scope: Mapping[str, float], names: list[str]) -> list[float
     densities = []
     for n in names:
         d = float(scope[n])
-        if not 0.0 <= d <= 1.0 or math.isnan(d):
+        if not 0.0 <= d <= 1.0:
             raise ValueError(f"per-layer density for `{n}` in `scope` must be in [0, 1], got {scope[n]!r}")
         densities.append(d)
     return densities
 
 
-def _top_k_flags(flat_scores: jax.Array, k: int) -> jax.Array:
-    """Boolean vector with True at the ``k`` largest entries; ties go to the lower index."""
-    n = flat_scores.shape[0]
-    if k >= n:
-        return jnp.ones((n,), bool)
-    if k == 0:
-        return jnp.zeros((n,), bool)
-    return _top_k_flags_compiled(flat_scores, jnp.asarray(k, jnp.int32))
-
-
-@jax.jit
-def _top_k_flags_compiled(flat_scores: jax.Array, k: jax.Array) -> jax.Array:
-    # Find the k-th largest value exactly by bisection on the bits of an order-preserving unsigned
-    # integer key (one counting pass per bit: linear time, far faster than sorting on CPU), then
-    # keep every entry above it and, among the entries equal to it, the first ones in index order.
-    # k is data, so one compiled program serves every k (iterative pruners change k each round).
-    keys = _order_keys(flat_scores)
-    nbits = keys.dtype.itemsize * 8
-
-    def add_bit(i, threshold):
-        candidate = threshold | (jnp.ones((), keys.dtype) << (nbits - 1 - i).astype(keys.dtype))
-        return jnp.where(jnp.sum(keys >= candidate, dtype=jnp.int32) >= k, candidate, threshold)
-
-    threshold = jax.lax.fori_loop(0, nbits, add_bit, jnp.zeros((), keys.dtype))
-    above = keys > threshold
-    tied = keys == threshold
-    room = k - jnp.sum(above, dtype=jnp.int32)
-    return above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= room))
-
-
-def _order_keys(values: jax.Array) -> jax.Array:
-    """Unsigned integers ordered like the float ``values`` (``-0.0`` and ``0.0`` map to one key)."""
-    if values.dtype != jnp.float64:
-        values = values.astype(jnp.float32)
-    uint, sint = (jnp.uint64, jnp.int64) if values.dtype == jnp.float64 else (jnp.uint32, jnp.int32)
-    bits = jax.lax.bitcast_convert_type(jnp.where(values == 0, jnp.zeros((), values.dtype), values), sint)
-    ubits = jax.lax.bitcast_convert_type(bits, uint)
-    sign = jnp.ones((), uint) << (values.dtype.itemsize * 8 - 1)
-    return jnp.where(bits < 0, ~ubits, ubits | sign)
-
-
 def _layer_floor_flags(score: jax.Array, floor: int) -> jax.Array:
-    return _top_k_flags(score.reshape(-1), min(floor, score.size))
+    return top_k_flags(score.reshape(-1), min(floor, score.size))
+
+
+def _apply_layer_floor(names: list[str], sizes: list[int], counts: list[int], min_per_layer: int) -> list[int]:
+    """Per-layer kept counts raised to ``min(min_per_layer, N_l)``; a :class:`SparsityWarning` naming the
+    layers where the floor keeps more than the requested count, with the sparsity actually reached."""
+    floors = [min(min_per_layer, n) for n in sizes]
+    raised = [f"{name} ({k} -> {f} of {n})" for name, n, k, f in zip(names, sizes, counts, floors) if f > k]
+    final = [max(k, f) for k, f in zip(counts, floors)]
+    if raised:
+        total = sum(sizes)
+        warnings.warn(
+            f"`min_per_layer`={min_per_layer} keeps more weights than the requested density in {len(raised)} "
+            f"layer(s): {names_in_order(raised)}; sparsity {1 - sum(final) / total:.4f} instead of "
+            f"{1 - sum(counts) / total:.4f}. Lower `min_per_layer`, or use scope='global', which keeps the "
+            "total exact by moving the budget between layers",
+            SparsityWarning,
+            stacklevel=3,
+        )
+    return final
 
 
 def masks_from_scores(
@@ -158,35 +128,44 @@ def masks_from_scores(
 
     Args:
       scores: pytree of scores (see the module docstring): leaves of ``ndim >= 1`` are ranked, 0-d
-        leaves are not pruned and get a 0-d mask ``1.0``. Scores must be finite.
+        leaves are not pruned and get a 0-d mask ``1.0``. Scores must be real (float, int or bool)
+        and finite.
       sparsity: fraction of the ranked entries to remove, in [0, 1). ``None`` only when ``scope``
         is a per-layer density mapping.
       scope: ``'global'`` keeps exactly ``ceil((1 - sparsity) * N)`` of the N ranked entries with one
-        threshold over all layers (METHODS.md convention); ``'layerwise'`` keeps
-        ``ceil((1 - sparsity) * N_l)`` in every layer; a mapping ``{path_name: density}`` (for
-        example from :func:`prospr_jax.methods.erk_densities`) keeps ``ceil(d_l * N_l)`` in each
-        layer.
-      min_per_layer: layer-collapse guard: every pruned layer keeps at least
-        ``min(min_per_layer, N_l)`` entries (its highest-scoring ones). In ``'global'`` scope the total
-        stays exactly ``ceil((1 - sparsity) * N)``: the guaranteed entries are taken first and the rest
-        of the budget is filled globally. Elsewhere each layer keeps ``max(k_l, min_per_layer)``.
+        threshold over all layers (the convention of SNIP, ProsPr and most pruning-at-init papers);
+        ``'layerwise'`` keeps ``ceil((1 - sparsity) * N_l)`` in every layer; a mapping
+        ``{path_name: density}`` (for example from :func:`prospr_jax.methods.erk_densities`) keeps
+        ``ceil(d_l * N_l)`` in each layer.
+      min_per_layer: layer-collapse guard: every pruned layer keeps at least ``min(min_per_layer,
+        N_l)`` entries (its highest-scoring ones). In ``'global'`` scope the total stays exactly
+        ``ceil((1 - sparsity) * N)``: the guaranteed entries are taken first and the rest of the
+        budget is filled globally (a ``ValueError`` when the guaranteed entries alone exceed it). In
+        the per-layer scopes each layer keeps ``max(k_l, min(min_per_layer, N_l))``: where the floor
+        wins, the requested sparsity is not reached and a :class:`SparsityWarning` names the layers
+        and the sparsity reached.
 
     Returns:
       A mask pytree with ``scores``' structure; leaves are float arrays (the scores' float dtype,
-      float32 for integer scores) of 0s and 1s with the scores leaves' shapes.
+      float32 for integer or bool scores) of 0s and 1s with the scores leaves' shapes.
+
+    Raises:
+      TypeError: non-real scores (complex, ...).
+      ValueError: non-finite scores (outside ``jit``), a bad ``sparsity``/``scope``/``min_per_layer``,
+        or a global floor larger than the kept budget.
 
     Ties are broken deterministically: among equal scores the entry earlier in flattening order
     (leaves in pytree order, entries in row-major order) is kept. Under ``jit`` the scores cannot be
-    checked on the host: non-finite scores then turn the whole mask into NaN (loudly wrong instead of
-    silently). Outside ``jit``, non-finite scores raise and a layer left empty warns with
+    checked on the host: non-finite scores then turn the whole mask (every leaf) into NaN (loudly
+    wrong instead of silently). Outside ``jit`` a layer left empty warns with
     :class:`LayerCollapseWarning`.
     """
     named = named_leaves(scores)
     ranked = [(name, s) for name, s in named if is_pruned_leaf(s)]
     if not ranked:
         raise ValueError("`scores` has no leaf with ndim >= 1: nothing to prune")
-    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, (int, np.integer)) or min_per_layer < 0:
-        raise ValueError(f"`min_per_layer` must be an integer >= 0, got {min_per_layer!r}")
+    check_real_dtype(ranked, "scores")
+    min_per_layer = check_int(min_per_layer, "min_per_layer", low=0)
     names = [n for n, _ in ranked]
     sizes = [int(np.size(s)) for _, s in ranked]
 
@@ -194,17 +173,17 @@ def masks_from_scores(
         if sparsity is not None:
             raise ValueError("pass either `sparsity` or a per-layer density mapping as `scope`, not both")
         layer_counts = [kept_count(d, n) for d, n in zip(_layer_densities(scope, names), sizes)]
-    elif scope in ("global", "layerwise"):
+    else:
+        if not isinstance(scope, str) or scope not in SCOPES:
+            raise ValueError(f"`scope` must be 'global', 'layerwise' or a mapping {{path_name: density}}, got {scope!r}")
         if sparsity is None:
             raise ValueError(f"`sparsity` is required with scope={scope!r}")
         density = 1.0 - check_sparsity(sparsity)
         layer_counts = [kept_count(density, n) for n in sizes]
-    else:
-        raise ValueError(f"`scope` must be 'global', 'layerwise' or a mapping {{path_name: density}}, got {scope!r}")
 
     traced = any_traced([s for _, s in ranked])
     if not traced:
-        _check_finite_scores(ranked)
+        check_finite(ranked, "scores")
 
     floats = [jnp.asarray(s).astype(_mask_dtype(s)) for _, s in ranked]
     if scope == "global":
@@ -219,28 +198,21 @@ def masks_from_scores(
                 )
             keys = [jnp.where(_layer_floor_flags(s, min_per_layer), jnp.inf, k) for s, k in zip(floats, keys)]
         common = jnp.result_type(*keys)
-        flags = _top_k_flags(jnp.concatenate([k.astype(common) for k in keys]), total_kept)
-        splits = np.cumsum(sizes)[:-1]
-        flat_masks = jnp.split(flags, splits)
+        flags = top_k_flags(jnp.concatenate([k.astype(common) for k in keys]), total_kept)
+        flat_masks = jnp.split(flags, np.cumsum(sizes)[:-1])
     else:
-        flat_masks = []
-        for s, k in zip(floats, layer_counts):
-            k = max(k, min(min_per_layer, s.size))
-            flat_masks.append(_top_k_flags(s.reshape(-1), k))
+        layer_counts = _apply_layer_floor(names, sizes, layer_counts, min_per_layer)
+        flat_masks = [top_k_flags(s.reshape(-1), k) for s, k in zip(floats, layer_counts)]
 
-    masks_by_name = {}
-    for (name, s), f, flag in zip(ranked, floats, flat_masks):
-        mask = flag.reshape(s.shape).astype(f.dtype)
-        if traced:
-            mask = jnp.where(jnp.all(jnp.isfinite(f)), mask, jnp.nan)
-        masks_by_name[name] = mask
-
+    masks_by_name = {name: flag.reshape(s.shape).astype(f.dtype) for (name, s), f, flag in zip(ranked, floats, flat_masks)}
     out = jax.tree_util.tree_map_with_path(
         lambda p, s: masks_by_name[path_name(p)] if is_pruned_leaf(s) else jnp.ones((), _mask_dtype(s)),
         scores,
     )
     if traced:
-        return out
+        # One NaN score anywhere poisons every leaf: a mask computed from it is wrong as a whole.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in floats]))
+        return jax.tree_util.tree_map(lambda m: jnp.where(finite, m, jnp.nan).astype(m.dtype), out)
     if min_per_layer == 0:
         counts = jax.device_get([jnp.count_nonzero(masks_by_name[n]) for n in names])
         empty = [n for n, c in zip(names, counts) if c == 0]
@@ -263,11 +235,26 @@ def scores_on_prunable(values: PyTree, prunable: PyTree) -> PyTree:
     )
 
 
+def rank_below_kept(scores: PyTree, masks: PyTree) -> PyTree:
+    """``scores`` with every entry that ``masks`` already prunes set to ``-1``.
+
+    The rule of every method that prunes in rounds (Iter-SNIP, SynFlow, DRIVE, IMP): for non-negative
+    scores it puts every pruned entry strictly below every kept one, so a round that keeps no more
+    entries than are alive only removes live ones (the masks shrink monotonically). 0-d (unpruned)
+    leaves pass through. Works under ``jit``.
+    """
+    return jax.tree_util.tree_map(
+        lambda s, m: jnp.where(jnp.asarray(m) != 0, s, -1).astype(jnp.result_type(s)) if is_pruned_leaf(s) else s,
+        scores,
+        masks,
+    )
+
+
 def dense_masks(params: PyTree, prunable: PrunableSpec = None) -> PyTree:
     """All-ones masks: full-shape ``1.0`` on the prunable leaves, 0-d ``1.0`` elsewhere.
 
-    ``prunable`` is anything :func:`prospr_jax.prunable.select_prunable` takes (default: Conv/Dense
-    kernels). Mask leaves take the parameter's dtype.
+    ``prunable`` is anything :func:`prospr_jax.select_prunable` takes (default: Conv/Dense kernels).
+    Mask leaves take the parameter's dtype.
     """
     selected = select_prunable(params, prunable)
     return jax.tree_util.tree_map(
@@ -276,11 +263,17 @@ def dense_masks(params: PyTree, prunable: PrunableSpec = None) -> PyTree:
 
 
 def check_masks(masks: PyTree, params: PyTree, *, arg: str = "masks") -> None:
-    """Raise a ``ValueError`` naming ``arg`` unless ``masks`` matches ``params``: same tree structure and
-    every mask leaf broadcasts to its parameter's shape without enlarging it."""
+    """Raise unless ``masks`` fits ``params``: same tree structure, every mask leaf broadcasts to its
+    parameter's shape without enlarging it, and (for concrete masks) holds only 0 and 1.
+
+    Raises:
+      ValueError: naming ``arg`` and the offending leaves.
+      TypeError: mask leaves that are not real (complex, strings).
+    """
     check_same_structure(masks, params, arg=arg)
+    named = named_leaves(masks)
     bad = []
-    for (name, m), (_, p) in zip(named_leaves(masks), named_leaves(params)):
+    for (name, m), (_, p) in zip(named, named_leaves(params)):
         m_shape, p_shape = np.shape(m), np.shape(p)
         try:
             ok = np.broadcast_shapes(m_shape, p_shape) == tuple(p_shape)
@@ -293,19 +286,32 @@ def check_masks(masks: PyTree, params: PyTree, *, arg: str = "masks") -> None:
             f"`{arg}` leaves must broadcast to their parameter's shape (full shape, [1,...,1,C] or 0-d): "
             + "; ".join(bad[:5])
         )
+    try:
+        check_zero_one(named, arg)
+    except ValueError as err:
+        hint = ""
+        if any(np.any(np.isnan(np.asarray(m, float))) for _, m in named if not is_traced(m)):
+            hint = " (NaN masks come from non-finite scores under jit: check the scores)"
+        raise ValueError(f"{err}{hint}") from None
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-    """``params * masks`` leaf by leaf, with pruned entries set to exactly ``0.0``.
+    """``params`` with the entries that ``masks`` prunes set to exactly ``0.0``; kept entries unchanged.
 
     Pruned entries are zero whatever the parameter holds there (also ``-x``, ``inf`` or ``NaN``), and
-    the result keeps each parameter's dtype. Works under ``jit``/``grad``/``vmap``.
+    the result keeps each parameter's dtype. Works under ``jit``/``grad``/``vmap``. Concrete masks are
+    checked (:func:`check_masks`: 0/1 values only); a TRACED mask entry other than 0 or 1 (which
+    cannot be checked) makes its weight NaN, so a bad mask inside a jitted step shows up as a
+    diverged loss instead of silently scaled weights.
     """
     check_masks(masks, params)
 
     def one(p: jax.Array, m: jax.Array) -> jax.Array:
-        m = jnp.asarray(m).astype(jnp.result_type(p))
-        return jnp.where(m == 0, jnp.zeros((), jnp.result_type(p)), p * m)
+        m = jnp.asarray(m)
+        zero = jnp.zeros((), jnp.result_type(p))
+        if not is_traced(m) or not jnp.issubdtype(jnp.result_type(p), jnp.floating):
+            return jnp.where(m == 0, zero, p)
+        return jnp.where(m == 0, zero, jnp.where(m == 1, p, jnp.nan))
 
     return jax.tree_util.tree_map(one, params, masks)
 

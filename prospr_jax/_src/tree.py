@@ -37,28 +37,6 @@ def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
     return [(path_name(path), leaf) for path, leaf in leaves]
 
 
-def check_same_structure(tree: PyTree, reference: PyTree, *, arg: str, ref_arg: str = "params") -> None:
-    """Raise a ``ValueError`` naming ``arg`` if ``tree`` does not have ``reference``'s tree structure."""
-    tdef = jax.tree_util.tree_structure(tree)
-    rdef = jax.tree_util.tree_structure(reference)
-    if tdef == rdef:
-        return
-    names = {n for n, _ in named_leaves(tree)}
-    ref_names = {n for n, _ in named_leaves(reference)}
-    missing = sorted(ref_names - names)
-    extra = sorted(names - ref_names)
-    detail = []
-    if missing:
-        detail.append(f"missing leaves {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra:
-        detail.append(f"unexpected leaves {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    if not detail:
-        detail.append(f"structure {tdef} differs from {rdef}")
-    raise ValueError(
-        f"`{arg}` must have the same tree structure as `{ref_arg}`: " + "; ".join(detail)
-    )
-
-
 def is_traced(x: Any) -> bool:
     """True when ``x`` is an abstract value inside a jax transformation (jit, grad, vmap, ...)."""
     return isinstance(x, jax.core.Tracer)

@@ -34,39 +34,64 @@ convolutions of autodiff inside loop bodies in a slow generic form (about 30x sl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from prospr_jax.canonical_convs import canonicalize_convs
-from prospr_jax.masks import scores_on_prunable
-from prospr_jax.prunable import PrunableSpec, forward_order, select_prunable
-from prospr_jax.tree import PyTree, leading_axis_sizes, names_in_order
-
-LossFn = Callable[[PyTree, Any], jax.Array]
+from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
+from prospr_jax._src.losses import LossFn
+from prospr_jax._src.masks import scores_on_prunable
+from prospr_jax._src.problem import PruningProblem
+from prospr_jax._src.prunable import PrunableSpec, prunable_for_loss
+from prospr_jax._src.tree import PyTree, is_traced, leading_axis_sizes, names_in_order
+from prospr_jax._src.validate import check_bool, check_choice, check_int, check_real
+from prospr_jax.methods.base import Method, register
 
 IMPLEMENTATIONS = ("hvp", "unrolled")
 
 _tmap = jax.tree_util.tree_map
 
 
+@dataclasses.dataclass(frozen=True)
+class ProsPrOptions:
+    """The settings of ProsPr's inner training and of its meta-gradient (see :func:`prospr_scores`).
+
+    ``lr``, ``momentum`` and ``weight_decay`` may be traced values (a sweep under ``jit`` or ``vmap``):
+    their shape and dtype are checked, their values only when concrete.
+    """
+
+    num_steps: int = 3
+    lr: Any = 0.1
+    momentum: Any = 0.0
+    weight_decay: Any = 0.0
+    first_order: bool = False
+    detach_first_buffer: bool = False
+    single_batch: bool = False
+    implementation: str = "hvp"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("num_steps", check_int(self.num_steps, "num_steps", low=0))
+        set_("lr", check_real(self.lr, "lr", low=0.0, low_open=True, traced_ok=True))
+        set_("momentum", check_real(self.momentum, "momentum", low=0.0, high=1.0, high_open=True, traced_ok=True))
+        set_("weight_decay", check_real(self.weight_decay, "weight_decay", low=0.0, traced_ok=True))
+        for name in ("first_order", "detach_first_buffer", "single_batch", "remat"):
+            set_(name, check_bool(getattr(self, name), name))
+        check_choice(self.implementation, "implementation", IMPLEMENTATIONS)
+
+    @property
+    def use_momentum(self) -> bool:
+        """Whether the momentum buffer is needed (always for a traced momentum)."""
+        return is_traced(self.momentum) or self.momentum != 0.0
+
+
 def _axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
     """``a * x + y`` leaf by leaf."""
     return _tmap(lambda xi, yi: a * xi + yi, x, y)
-
-
-def _check_hyper(name: str, value: Any, *, low: float = -math.inf) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}") from None
-    if not math.isfinite(v) or v < low:
-        raise ValueError(f"`{name}` must be a finite number >= {low}, got {value!r}")
-    return v
 
 
 def check_batches(batches: PyTree, num_steps: int, single_batch: bool) -> None:
@@ -86,19 +111,17 @@ def check_batches(batches: PyTree, num_steps: int, single_batch: bool) -> None:
         )
 
 
-def check_num_steps(num_steps: Any) -> int:
-    """``num_steps`` as an int, or a ``ValueError`` naming it unless it is an integer >= 0."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}")
-    return int(num_steps)
-
-
 def stack_batches(batches: list[PyTree]) -> PyTree:
     """Stack a list of batches (pytrees of arrays) along a new leading axis, the layout
     :func:`prospr_scores` takes."""
-    if not batches:
-        raise ValueError("`batches` must be a non-empty list")
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError("`batches` must be a non-empty list of batches")
     return _tmap(lambda *xs: jnp.stack(xs), *batches)
+
+
+def first_batch(batches: PyTree, single_batch: bool = False) -> Any:
+    """The batch of inner step 0 (the whole of ``batches`` when ``single_batch``)."""
+    return batches if single_batch else _tmap(lambda b: b[0], batches)
 
 
 def _gradient(loss_fn: LossFn, w: PyTree, batch: Any, weight_decay: Any) -> PyTree:
@@ -115,20 +138,22 @@ def _inner_batches(batches: PyTree, num_steps: int, single_batch: bool) -> Any:
     return None if single_batch else _tmap(lambda b: b[:num_steps], batches)
 
 
-def _meta_gradient_unrolled(
-    loss_fn: LossFn,
-    params: PyTree,
-    batches: PyTree,
-    hyper: tuple[Any, Any, Any],
-    *,
-    num_steps: int,
-    use_momentum: bool,
-    first_order: bool,
-    detach_first_buffer: bool,
-    single_batch: bool,
-    remat: bool,
-) -> PyTree:
+class _Static(NamedTuple):
+    """The settings that shape the compiled program (one static argument of the jitted computation)."""
+
+    num_steps: int
+    use_momentum: bool
+    first_order: bool
+    detach_first_buffer: bool
+    single_batch: bool
+    implementation: str
+    remat: bool
+
+
+def _meta_gradient_unrolled(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, st: _Static) -> PyTree:
     lr, momentum, weight_decay = hyper
+    num_steps, use_momentum, single_batch = st.num_steps, st.use_momentum, st.single_batch
+    first_order, detach_first_buffer = st.first_order, st.detach_first_buffer
 
     def step(carry, xs):
         w, buf = carry
@@ -147,7 +172,7 @@ def _meta_gradient_unrolled(
             direction = g
         return (_axpy(-lr, direction, w), buf), None
 
-    if remat:
+    if st.remat:
         step = jax.checkpoint(step)
 
     def meta_loss(w0: PyTree) -> jax.Array:
@@ -161,19 +186,10 @@ def _meta_gradient_unrolled(
     return jax.grad(meta_loss)(params)
 
 
-def _meta_gradient_hvp(
-    loss_fn: LossFn,
-    params: PyTree,
-    batches: PyTree,
-    hyper: tuple[Any, Any, Any],
-    *,
-    num_steps: int,
-    use_momentum: bool,
-    first_order: bool,
-    detach_first_buffer: bool,
-    single_batch: bool,
-) -> PyTree:
+def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, st: _Static) -> PyTree:
     lr, momentum, weight_decay = hyper
+    num_steps, use_momentum, single_batch = st.num_steps, st.use_momentum, st.single_batch
+    first_order, detach_first_buffer = st.first_order, st.detach_first_buffer
 
     def forward(carry, batch):
         w, buf = carry
@@ -219,36 +235,11 @@ def _meta_gradient_hvp(
     return a
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "loss_fn",
-        "num_steps",
-        "use_momentum",
-        "first_order",
-        "detach_first_buffer",
-        "single_batch",
-        "implementation",
-        "remat",
-    ),
-)
-def _meta_gradient_jit(
-    loss_fn, params, batches, hyper, *, num_steps, use_momentum, first_order, detach_first_buffer,
-    single_batch, implementation, remat,
-):
-    kwargs = dict(
-        num_steps=num_steps,
-        use_momentum=use_momentum,
-        first_order=first_order,
-        detach_first_buffer=detach_first_buffer,
-        single_batch=single_batch,
-    )
-    if implementation == "unrolled":
-        compute = functools.partial(_meta_gradient_unrolled, loss_fn, remat=remat, **kwargs)
-    else:
-        compute = functools.partial(_meta_gradient_hvp, loss_fn, **kwargs)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "static"))
+def _meta_gradient_jit(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
+    compute = _meta_gradient_unrolled if static.implementation == "unrolled" else _meta_gradient_hvp
     # Convolutions inside the scans in the layout XLA runs fast in loop bodies (see canonical_convs).
-    return canonicalize_convs(compute)(params, batches, hyper)
+    return canonicalize_convs(functools.partial(compute, loss_fn, st=static))(params, batches, hyper)
 
 
 def meta_gradient(
@@ -272,44 +263,15 @@ def meta_gradient(
     structure (every leaf, pruned or not). ``prospr_scores = |params * meta_gradient|`` on the pruned
     leaves. With ``num_steps=0`` it is the plain gradient on ``batches[0]``.
     """
-    num_steps = check_num_steps(num_steps)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    lr = _check_hyper("lr", lr)
-    momentum = _check_hyper("momentum", momentum, low=0.0)
-    weight_decay = _check_hyper("weight_decay", weight_decay)
-    check_batches(batches, num_steps, bool(single_batch))
-    return _meta_gradient_jit(
-        loss_fn,
-        params,
-        batches,
-        (lr, momentum, weight_decay),
-        num_steps=num_steps,
-        use_momentum=momentum != 0.0,
-        first_order=bool(first_order),
-        detach_first_buffer=bool(detach_first_buffer),
-        single_batch=bool(single_batch),
-        implementation=implementation,
-        remat=bool(remat),
+    o = ProsPrOptions(
+        num_steps=num_steps, lr=lr, momentum=momentum, weight_decay=weight_decay, first_order=first_order,
+        detach_first_buffer=detach_first_buffer, single_batch=single_batch, implementation=implementation,
+        remat=remat,
     )
-
-
-def first_batch(batches: PyTree, single_batch: bool = False) -> Any:
-    """The batch of inner step 0 (the whole of ``batches`` when ``single_batch``)."""
-    return batches if single_batch else _tmap(lambda b: b[0], batches)
-
-
-def resolve_prunable(
-    loss_fn: LossFn,
-    params: PyTree,
-    batch: Any,
-    prunable: PrunableSpec,
-    exclude_first: bool,
-    exclude_last: bool,
-) -> PyTree:
-    """:func:`select_prunable`, tracing ``loss_fn(params, batch)`` for the layer order when needed."""
-    order = forward_order(loss_fn, params, batch) if (exclude_first or exclude_last) else None
-    return select_prunable(params, prunable, exclude_first=exclude_first, exclude_last=exclude_last, order=order)
+    check_batches(batches, o.num_steps, o.single_batch)
+    static = _Static(o.num_steps, o.use_momentum, o.first_order, o.detach_first_buffer, o.single_batch,
+                     o.implementation, o.remat)
+    return _meta_gradient_jit(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
 
 
 def prospr_scores(
@@ -335,7 +297,7 @@ def prospr_scores(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``. It closes over any model state; for a flax model
         with BatchNorm, run BN in training mode (batch statistics) and throw the updated statistics
-        away (METHODS.md, ProsPr step 3; see :func:`prospr_jax.models.make_loss_fn`).
+        away (docs/methods.md, ProsPr; :func:`prospr_jax.classifier_loss_fn` builds such a loss).
       params: parameter pytree ``theta_0`` (the initial weights).
       batches: pytree of arrays whose leaves have a leading axis of length ``num_steps + 1``: batch k
         feeds inner step k, batch M the meta-loss (the paper's default: a fresh batch each time;
@@ -351,7 +313,7 @@ def prospr_scores(
       detach_first_buffer: stop the gradient through the first momentum buffer, as the official code
         does (``buf_0 = g_0.detach()``); only matters with ``momentum > 0``. Default off.
       single_batch: ``batches`` is one batch, reused for every step.
-      prunable: which leaves are scored (see :func:`prospr_jax.prunable.select_prunable`); default
+      prunable: which leaves are scored (see :func:`prospr_jax.select_prunable`); default
         Conv/Dense kernels. The inner steps update ALL parameters whatever this says.
       exclude_first, exclude_last: leave the first / last prunable layer in forward order unscored.
       implementation: ``'hvp'`` (default; backward Hessian-vector products, memory flat in M) or
@@ -362,11 +324,14 @@ def prospr_scores(
     Returns:
       Scores pytree with ``params``' structure: ``|theta_0 * dL(w_M)/dw_0|`` (shape of the leaf) on
       pruned leaves, a 0-d zero on the others. Feed it to :func:`prospr_jax.masks_from_scores`
-      (METHODS.md: rank globally, keep the top ``ceil(d * N)``).
+      (the paper ranks globally and keeps the top ``ceil(d * N)``).
 
-    The computation is jitted (compiled once per ``loss_fn``, shapes and static options; ``lr``,
-    ``momentum`` and ``weight_decay`` are traced, so changing them does not recompile) and can itself
-    be wrapped in ``jax.jit``.
+    The computation is jitted with ``loss_fn`` as a static argument: it is compiled once per
+    ``loss_fn`` object, shapes and static options (build the loss once and reuse it). ``lr``,
+    ``momentum`` and ``weight_decay`` are data: changing them does not recompile, and they may be
+    traced, so ``jax.jit(lambda lr: prospr_scores(..., lr=lr))`` and ``jax.vmap`` over a vector of
+    learning rates work. Concrete values are checked: ``lr > 0``, ``0 <= momentum < 1``,
+    ``weight_decay >= 0``, all finite.
     """
     grads = meta_gradient(
         loss_fn,
@@ -382,7 +347,37 @@ def prospr_scores(
         implementation=implementation,
         remat=remat,
     )
-    selected = resolve_prunable(
+    selected = prunable_for_loss(
         loss_fn, params, first_batch(batches, single_batch), prunable, exclude_first, exclude_last
     )
     return scores_on_prunable(_tmap(lambda p, g: jnp.abs(p * g), params, grads), selected)
+
+
+@register
+class ProsPr(Method):
+    """Registry row of ProsPr: :func:`prospr_scores` on a :class:`prospr_jax.PruningProblem`.
+
+    Batches: ``problem.batch(0), ..., problem.batch(num_steps)`` (one per inner step plus one for the
+    meta-loss, the paper's default); with ``single_batch=True`` only ``problem.batch(0)``, reused.
+    Defaults are the paper's (M = 3, lr = 0.1, plain SGD).
+    """
+
+    name = "prospr"
+    paper = "Alizadeh et al., ICLR 2022"
+    idea = "|dL(w_M)/dc| at c = 1: saliency of the mask through M = 3 inner SGD steps (meta-gradient)"
+    data = "M+1 batches"
+    cost = "M+1 forward/backward passes + M Hessian-vector products"
+    needs = ("batch_fn",)
+    Options = ProsPrOptions
+
+    def score(self, problem: PruningProblem, options: ProsPrOptions) -> PyTree:
+        if options.single_batch:
+            batches = problem.batch(0)
+        else:
+            batches = stack_batches([problem.batch(i) for i in range(options.num_steps + 1)])
+        return prospr_scores(
+            problem.loss_fn, problem.params, batches, prunable=problem.prunable_tree(), **dataclasses.asdict(options)
+        )
+
+
+__all__ = ["IMPLEMENTATIONS", "ProsPr", "ProsPrOptions", "meta_gradient", "prospr_scores", "stack_batches"]

@@ -29,8 +29,7 @@ import jax.extend.core as jex
 import numpy as np
 from jax import lax
 
-_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
-                     "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
+from prospr_jax._src.jaxpr.walk import abstract_var, walk
 
 
 def _is_canonical(dn: lax.ConvDimensionNumbers) -> bool:
@@ -62,15 +61,10 @@ def _canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
     return lax.transpose(out, tuple(int(i) for i in np.argsort(out_logical)))
 
 
-def _abstract(var: Any) -> jax.ShapeDtypeStruct:
-    aval = var.aval
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
-
-
 def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
-    fn = functools.partial(_eval, closed.jaxpr, closed.consts)
-    new = jax.make_jaxpr(fn)(*[_abstract(v) for v in closed.jaxpr.invars])
-    return new
+    return jax.make_jaxpr(functools.partial(_eval, closed.jaxpr, closed.consts))(
+        *[abstract_var(v) for v in closed.jaxpr.invars]
+    )
 
 
 def _rewrite_param(value: Any) -> Any:
@@ -81,44 +75,17 @@ def _rewrite_param(value: Any) -> Any:
     return value
 
 
-def _sub_closed_jaxpr(eqn: Any) -> jex.ClosedJaxpr | None:
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        value = eqn.params.get(key)
-        if isinstance(value, jex.ClosedJaxpr):
-            return value
-        if isinstance(value, jex.Jaxpr):
-            return jex.ClosedJaxpr(value, ())
-    return None
+def _visit(eqn: Any, invals: list) -> list:
+    if eqn.primitive.name == "conv_general_dilated" and not _is_canonical(eqn.params["dimension_numbers"]):
+        return [_canonical_conv(*invals, **eqn.params)]
+    # Loop and conditional bodies are rewritten too (that is where the slow layouts hurt).
+    params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
+    out = eqn.primitive.bind(*invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
 
 
 def _eval(jaxpr: jex.Jaxpr, consts: Any, *args: Any) -> list[Any]:
-    env: dict[Any, Any] = {}
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jex.Literal) else env[v]
-
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        sub = _sub_closed_jaxpr(eqn) if name in _INLINE else None
-        if name == "conv_general_dilated" and not _is_canonical(eqn.params["dimension_numbers"]):
-            outvals = [_canonical_conv(*invals, **eqn.params)]
-        elif sub is not None:
-            n_extra = len(invals) - len(sub.jaxpr.invars)  # custom_vjp passes its rule's consts first
-            outvals = _eval(sub.jaxpr, sub.consts, *invals[max(n_extra, 0):])
-        else:
-            params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
-            outvals = eqn.primitive.bind(*invals, **params)
-            if not eqn.primitive.multiple_results:
-                outvals = [outvals]
-        for var, val in zip(eqn.outvars, outvals):
-            if not isinstance(var, jex.DropVar):
-                env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+    return walk(jaxpr, consts, args, _visit)
 
 
 def canonicalize_convs(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,7 +7,10 @@ logits by a temperature; DRIVE and IMP train) get it from a :class:`PruningProbl
 method registry can call every method the same way::
 
     problem = PruningProblem.from_flax(model, variables, batch_fn, input_shape=(32, 32, 3), num_classes=10)
-    masks, info = prospr_jax.methods.prune("synflow", problem, sparsity=0.98)
+    result = prospr_jax.methods.prune("synflow", problem, sparsity=0.98)   # result.masks, result.history
+
+The problem's functions are the static arguments of the methods' compiled computations: build the
+problem once and reuse it, and every method compiles once for it (not once per call).
 
 Batch convention for model-based helpers: a dict ``{'image': float [B, H, W, C], 'label': int [B]}``.
 """
@@ -17,19 +20,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
-import jax
-import optax
+import jax.numpy as jnp
+import numpy as np
 
-from prospr_jax.prunable import PrunableSpec, forward_order, select_prunable
-from prospr_jax.tree import PyTree
+from prospr_jax._src.jaxpr.forward_order import forward_order
+from prospr_jax._src.losses import ApplyFn, LossFn, classifier_loss_fn, flax_apply_fn
+from prospr_jax._src.prunable import PrunableSpec, select_prunable
+from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_bool, check_callable, check_int
 
-LossFn = Callable[[PyTree, Any], jax.Array]
 BatchFn = Callable[[int], Any]
-ApplyFn = Callable[[PyTree, PyTree, jax.Array, bool], jax.Array]
 TrainFn = Callable[..., PyTree]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PruningProblem:
     """The model, its data and its training loop, as pure functions.
 
@@ -48,14 +52,14 @@ class PruningProblem:
       input_shape: shape of ONE input example, e.g. ``(32, 32, 3)`` (data-free methods build inputs).
       num_classes: number of classes (GraSP's balanced sampling, reports).
       prunable, exclude_first, exclude_last: which leaves are pruned (see
-        :func:`prospr_jax.prunable.select_prunable`).
+        :func:`prospr_jax.select_prunable`).
       train_fn: for methods that train (DRIVE, IMP): ``train_fn(params, masks, *, steps=None,
         key=None) -> params`` trains the masked network from ``params`` for ``steps`` optimiser steps
         (``None``: the full budget of the caller's recipe) with pruned weights held at zero, and
         returns the trained params (model state updates stay inside the callable). IMP with
         ``rewind_step=k > 0`` also passes ``start_step=k``: continue the learning-rate schedule (and
         data stream) from global step k, and with ``steps=None`` train the remaining ``T - k`` steps
-        (Frankle et al. 2020); :func:`prospr_jax.train.make_train_fn` does this.
+        (Frankle et al. 2020); the experiment harness's ``make_train_fn`` does this.
       key: PRNG key for randomised methods.
     """
 
@@ -72,41 +76,73 @@ class PruningProblem:
     train_fn: Optional[TrainFn] = None
     key: Any = None
 
+    def __post_init__(self) -> None:
+        check_callable(self.loss_fn, "loss_fn", "(params, batch) -> scalar")
+        for name, signature in (
+            ("batch_fn", "(i) -> batch"),
+            ("apply_fn", "(params, model_state, x, train) -> logits"),
+            ("train_fn", "(params, masks, *, steps=None, key=None) -> params"),
+        ):
+            if getattr(self, name) is not None:
+                check_callable(getattr(self, name), name, signature)
+        if self.input_shape is not None:
+            shape = self.input_shape
+            if not isinstance(shape, (tuple, list)) or not shape or any(
+                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape
+            ):
+                raise ValueError(
+                    f"`input_shape` must be a non-empty tuple of positive ints (one example, no batch axis), got {shape!r}"
+                )
+            object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
+        if self.num_classes is not None:
+            check_int(self.num_classes, "num_classes", low=1)
+        check_bool(self.exclude_first, "exclude_first")
+        check_bool(self.exclude_last, "exclude_last")
+        if self.model_state is None:
+            object.__setattr__(self, "model_state", {})
+
     def batch(self, i: int) -> Any:
         """The i-th training batch; a clear error when the problem has no data."""
         if self.batch_fn is None:
             raise ValueError("this method needs training data: build the PruningProblem with `batch_fn=`")
         return self.batch_fn(i)
 
+    def missing(self, fields: tuple[str, ...]) -> list[str]:
+        """The names among ``fields`` that are not set (``None``) on this problem."""
+        return [f for f in fields if getattr(self, f) is None]
+
     def prunable_tree(self) -> PyTree:
-        """Bool pytree of pruned leaves (forward order traced on batch 0 when excluding layers)."""
+        """Bool pytree of the pruned leaves (see :func:`prospr_jax.select_prunable`).
+
+        ``exclude_first``/``exclude_last`` need the forward order of the layers: it is traced through
+        ``loss_fn`` on batch 0 when the problem has data, otherwise through ``apply_fn`` on an all-ones
+        input of ``input_shape`` (inference mode), so data-free methods need no batch.
+        """
         order = None
         if self.exclude_first or self.exclude_last:
-            order = forward_order(self.loss_fn, self.params, self.batch(0))
+            if self.batch_fn is not None:
+                order = forward_order(self.loss_fn, self.params, self.batch(0))
+            elif self.apply_fn is not None and self.input_shape is not None:
+                x = jnp.ones((1, *self.input_shape), jnp.float32)
+                order = forward_order(lambda p: self.apply_fn(p, self.model_state, x, False), self.params)
+            else:
+                raise ValueError(
+                    "exclude_first/exclude_last need the layer order: give the PruningProblem a `batch_fn`, "
+                    "or `apply_fn` and `input_shape`"
+                )
         return select_prunable(
             self.params, self.prunable, exclude_first=self.exclude_first, exclude_last=self.exclude_last, order=order
         )
 
-    def require(self, *fields: str, method: str) -> None:
-        """Raise a ``ValueError`` naming ``method`` and the missing fields if any is ``None``."""
-        missing = [f for f in fields if getattr(self, f) is None]
-        if missing:
-            raise ValueError(f"method {method!r} needs PruningProblem field(s) {missing}; they are not set")
-
-    def reject_problem_options(self, options: Mapping[str, Any], *, method: str) -> None:
-        """Raise if ``options`` set a field that belongs to the problem (which leaves are pruned)."""
-        for key in ("prunable", "exclude_first", "exclude_last"):
-            if key in options:
-                raise ValueError(f"set `{key}` on the PruningProblem, not as an option of {method!r}")
-
     def replace(self, **changes: Any) -> "PruningProblem":
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_flax(
         cls,
         model: Any,
-        variables: dict,
+        variables: Mapping[str, Any],
         batch_fn: Optional[BatchFn] = None,
         *,
         input_shape: Optional[tuple[int, ...]] = None,
@@ -117,24 +153,14 @@ class PruningProblem:
 
         ``variables`` holds ``'params'`` and optionally ``'batch_stats'``. The loss is mean softmax
         cross-entropy with integer labels on ``{'image', 'label'}`` batches, BatchNorm in training
-        mode with the updated statistics thrown away. Extra keyword arguments set the other fields.
+        mode with the updated statistics thrown away (:func:`prospr_jax.classifier_loss_fn`). Extra
+        keyword arguments set the other fields.
         """
-        params = variables["params"]
         state = {k: v for k, v in variables.items() if k != "params"}
-
-        def apply_fn(p: PyTree, s: PyTree, x: jax.Array, train: bool) -> jax.Array:
-            if train and s:
-                logits, _ = model.apply({"params": p, **s}, x, train=True, mutable=list(s))
-                return logits
-            return model.apply({"params": p, **s}, x, train=train)
-
-        def loss_fn(p: PyTree, batch: Any) -> jax.Array:
-            logits = apply_fn(p, state, batch["image"], True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
+        apply_fn = flax_apply_fn(model)
         return cls(
-            params=params,
-            loss_fn=loss_fn,
+            params=variables["params"],
+            loss_fn=classifier_loss_fn(apply_fn, state),
             batch_fn=batch_fn,
             apply_fn=apply_fn,
             model_state=state,

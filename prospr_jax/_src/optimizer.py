@@ -1,6 +1,8 @@
-"""Masked optimisation: an optax transformation that keeps pruned weights at exactly zero.
+"""An optax transformation that keeps pruned weights at exactly zero.
 
-``masked(tx, masks)`` wraps any optax ``GradientTransformation``. Its state holds the masks as arrays
+``masked_optimizer(tx, masks)`` wraps any optax ``GradientTransformation``. (It is not
+``optax.masked``, which applies ``tx`` to selected leaves and passes the others through unchanged:
+here every leaf goes through ``tx`` and the pruned ENTRIES are never updated.) Its state holds the masks as arrays
 (data, not compile-time constants: :func:`set_masks` swaps in a new mask without recompiling a jitted
 train step) next to ``tx``'s own state. Each update
 
@@ -15,7 +17,7 @@ under SGD + momentum, weight decay (coupled or decoupled) and AdamW.
 
 Example::
 
-    tx = masked(optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), masks)
+    tx = masked_optimizer(optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), masks)
     params = apply_masks(params, masks)
     opt_state = tx.init(params)
     ...
@@ -31,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prospr_jax.masks import check_masks
-from prospr_jax.tree import PyTree
+from prospr_jax._src.masks import check_masks
+from prospr_jax._src.tree import PyTree, named_leaves
+from prospr_jax._src.validate import check_zero_one
 
 
-class MaskedState(NamedTuple):
-    """State of :func:`masked`: the masks (arrays) and the wrapped transformation's state."""
+class MaskedOptimizerState(NamedTuple):
+    """State of :func:`masked_optimizer`: the masks (arrays) and the wrapped transformation's state."""
 
     masks: PyTree
     inner_state: Any
@@ -48,45 +51,48 @@ def _zero_pruned(tree: PyTree, masks: PyTree) -> PyTree:
     )
 
 
-def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
+def masked_optimizer(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
     """Wrap ``inner`` so that weights where ``masks`` is 0 are never updated.
 
     Args:
       inner: any optax gradient transformation (``optax.sgd``, ``optax.adamw``, a chain, ...).
       masks: mask pytree with the params' structure (full-shape, channel ``[1,...,1,C]`` or 0-d
-        leaves; see :mod:`prospr_jax.masks`). Checked against the params in ``init``.
+        leaves of 0s and 1s; see :func:`prospr_jax.masks_from_scores`). Values are checked here
+        (concrete masks), shapes against the params in ``init``.
 
     Returns:
-      A ``GradientTransformation`` whose state is a :class:`MaskedState`. ``update`` accepts the
+      A ``GradientTransformation`` whose state is a :class:`MaskedOptimizerState`. ``update`` accepts the
       extra keyword arguments of ``GradientTransformationExtraArgs`` and passes them to ``inner``.
     """
+    check_zero_one(named_leaves(masks), "masks")
     masks = jax.tree_util.tree_map(jnp.asarray, masks)
 
-    def init_fn(params: PyTree) -> MaskedState:
+    def init_fn(params: PyTree) -> MaskedOptimizerState:
         check_masks(masks, params)
-        return MaskedState(masks=masks, inner_state=inner.init(params))
+        return MaskedOptimizerState(masks=masks, inner_state=inner.init(params))
 
-    def update_fn(updates: PyTree, state: MaskedState, params: PyTree | None = None, **extra_args: Any):
+    def update_fn(updates: PyTree, state: MaskedOptimizerState, params: PyTree | None = None, **extra_args: Any):
         updates = _zero_pruned(updates, state.masks)
         inner_tx = optax.with_extra_args_support(inner)
         updates, inner_state = inner_tx.update(updates, state.inner_state, params, **extra_args)
-        return _zero_pruned(updates, state.masks), MaskedState(masks=state.masks, inner_state=inner_state)
+        return _zero_pruned(updates, state.masks), MaskedOptimizerState(masks=state.masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def set_masks(opt_state: Any, masks: PyTree) -> Any:
-    """Replace the masks inside every :class:`MaskedState` found in ``opt_state``.
+    """Replace the masks inside every :class:`MaskedOptimizerState` found in ``opt_state``.
 
     The new masks must have the same tree structure, shapes and dtypes as the old ones; then a
     jitted train step that takes ``opt_state`` as an argument runs with the new mask without being
     recompiled. The wrapped optimiser's state is kept (the statistics of weights pruned before are
     zero, so revived weights start clean).
     """
+    check_zero_one(named_leaves(masks), "masks")
     found = [0]
 
     def replace(node: Any) -> Any:
-        if isinstance(node, MaskedState):
+        if isinstance(node, MaskedOptimizerState):
             old_leaves, old_def = jax.tree_util.tree_flatten(node.masks)
             new = jax.tree_util.tree_map(jnp.asarray, masks)
             new_leaves, new_def = jax.tree_util.tree_flatten(new)
@@ -97,22 +103,22 @@ def set_masks(opt_state: Any, masks: PyTree) -> Any:
                     "`masks` must have the structure, shapes and dtypes of the masks already in `opt_state`"
                 )
             found[0] += 1
-            return MaskedState(masks=new, inner_state=node.inner_state)
+            return MaskedOptimizerState(masks=new, inner_state=node.inner_state)
         return node
 
-    out = jax.tree_util.tree_map(replace, opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
+    out = jax.tree_util.tree_map(replace, opt_state, is_leaf=lambda x: isinstance(x, MaskedOptimizerState))
     if not found[0]:
-        raise ValueError("`opt_state` holds no MaskedState: build the optimiser with prospr_jax.masked(...)")
+        raise ValueError("`opt_state` holds no MaskedOptimizerState: build the optimiser with prospr_jax.masked_optimizer(...)")
     return out
 
 
 def masks_of(opt_state: Any) -> PyTree:
-    """The masks held by the (first) :class:`MaskedState` in ``opt_state``."""
+    """The masks held by the (first) :class:`MaskedOptimizerState` in ``opt_state``."""
     hits = [
         node
-        for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
-        if isinstance(node, MaskedState)
+        for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedOptimizerState))
+        if isinstance(node, MaskedOptimizerState)
     ]
     if not hits:
-        raise ValueError("`opt_state` holds no MaskedState: build the optimiser with prospr_jax.masked(...)")
+        raise ValueError("`opt_state` holds no MaskedOptimizerState: build the optimiser with prospr_jax.masked_optimizer(...)")
     return hits[0].masks

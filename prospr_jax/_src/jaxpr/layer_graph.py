@@ -50,18 +50,14 @@ import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import jax.extend.core as jex
 import numpy as np
 
-from prospr_jax.tree import PyTree, named_leaves, names_in_order
+from prospr_jax._src.jaxpr.forward_order import PRODUCT_PRIMITIVES
+from prospr_jax._src.jaxpr.walk import abstract, walk
+from prospr_jax._src.tree import PyTree, named_leaves, names_in_order
 
 EDGE_KINDS = ("weight", "identity", "input")
 
-_PRODUCTS = frozenset({"conv_general_dilated", "dot_general"})
-_CALLS = frozenset(
-    {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-     "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint"}
-)
 _REDUCTIONS = frozenset(
     {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 )
@@ -348,55 +344,19 @@ class _FlatJaxpr:
 
     @classmethod
     def build(cls, closed: Any, invar_origins: Sequence[tuple]) -> "_FlatJaxpr":
+        """The equations of ``closed`` with call-like sub-jaxprs inlined (by the package's walker)."""
         g = cls()
         jaxpr = closed.jaxpr
         ins = [g.node(v.aval.shape, o) for v, o in zip(jaxpr.invars, invar_origins)]
-        consts = [g.const(c) for c in closed.consts]
-        g._walk(jaxpr, ins, consts)
+
+        def visit(eqn: Any, args: list) -> list:
+            index = len(g.eqns)
+            outs = [g.node(v.aval.shape, ("eqn", index)) for v in eqn.outvars]
+            g.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), args, outs))
+            return outs
+
+        walk(jaxpr, [g.const(c) for c in closed.consts], ins, visit, literal=g.const, const=g.const)
         return g
-
-    def _walk(self, jaxpr: Any, ins: list, consts: list) -> list:
-        env: dict = {}
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, ins))
-
-        def read(v: Any) -> int:
-            if isinstance(v, jex.Literal):
-                return self.const(v.val)
-            return env[v]
-
-        for eqn in jaxpr.eqns:
-            args = [read(v) for v in eqn.invars]
-            sub = _inlinable(eqn)
-            if sub is not None:
-                sub_jaxpr, sub_consts = sub
-                outs = self._walk(sub_jaxpr, args, [self.const(c) for c in sub_consts])
-            else:
-                index = len(self.eqns)
-                outs = [self.node(v.aval.shape, ("eqn", index)) for v in eqn.outvars]
-                self.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), args, outs))
-            for v, n in zip(eqn.outvars, outs):
-                if not isinstance(v, jex.DropVar):
-                    env[v] = n
-        return [read(v) for v in jaxpr.outvars]
-
-
-def _inlinable(eqn: Any) -> Optional[tuple]:
-    if eqn.primitive.name not in _CALLS:
-        return None
-    found = []
-    for value in eqn.params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, jex.ClosedJaxpr):
-                found.append((v.jaxpr, list(v.consts)))
-            elif isinstance(v, jex.Jaxpr):
-                found.append((v, []))
-    if len(found) != 1:
-        return None
-    jaxpr, consts = found[0]
-    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
-        return None
-    return jaxpr, consts
 
 
 class _Tracer:
@@ -446,7 +406,7 @@ class _Tracer:
         g = self.g
         found: dict[int, str] = {}
         for i, e in enumerate(g.eqns):
-            if e.prim.name not in _PRODUCTS or len(e.ins) != 2 or self.kind[e.ins[0]] != "act":
+            if e.prim.name not in PRODUCT_PRIMITIVES or len(e.ins) != 2 or self.kind[e.ins[0]] != "act":
                 continue
             n = e.ins[1]
             while g.origin[n][0] == "eqn" and g.eqns[g.origin[n][1]].prim.name in _KERNEL_CASTS:
@@ -951,10 +911,6 @@ _SHAPE_OPS: dict[str, Callable] = {
 }
 
 
-def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree)
-
-
 def trace_layer_graph(
     fn: Callable[[PyTree, PyTree, PyTree], Any], params: PyTree, state: PyTree, inputs: PyTree
 ) -> LayerTrace:
@@ -977,7 +933,7 @@ def trace_layer_graph(
     param_leaves = named_leaves(params)
     state_leaves = jax.tree_util.tree_leaves(state)
     input_leaves = jax.tree_util.tree_leaves(inputs)
-    closed = jax.make_jaxpr(fn)(_abstract(params), _abstract(state), _abstract(inputs))
+    closed = jax.make_jaxpr(fn)(abstract(params), abstract(state), abstract(inputs))
     origins = (
         [("param", name) for name, _ in param_leaves]
         + [("state",)] * len(state_leaves)
