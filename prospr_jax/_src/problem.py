@@ -21,13 +21,12 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import jax.numpy as jnp
-import numpy as np
 
 from prospr_jax._src.jaxpr.forward_order import forward_order
 from prospr_jax._src.losses import ApplyFn, LossFn, classifier_loss_fn, flax_apply_fn
 from prospr_jax._src.prunable import PrunableSpec, select_prunable
 from prospr_jax._src.tree import PyTree
-from prospr_jax._src.validate import check_bool, check_callable, check_int
+from prospr_jax._src.validate import check_bool, check_callable, check_int, check_shape
 
 BatchFn = Callable[[int], Any]
 TrainFn = Callable[..., PyTree]
@@ -86,14 +85,7 @@ class PruningProblem:
             if getattr(self, name) is not None:
                 check_callable(getattr(self, name), name, signature)
         if self.input_shape is not None:
-            shape = self.input_shape
-            if not isinstance(shape, (tuple, list)) or not shape or any(
-                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape
-            ):
-                raise ValueError(
-                    f"`input_shape` must be a non-empty tuple of positive ints (one example, no batch axis), got {shape!r}"
-                )
-            object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
+            object.__setattr__(self, "input_shape", check_shape(self.input_shape, "input_shape"))
         if self.num_classes is not None:
             check_int(self.num_classes, "num_classes", low=1)
         check_bool(self.exclude_first, "exclude_first")

@@ -125,6 +125,20 @@ def check_sparsity(value: Any, arg: str = "sparsity") -> float:
     return v
 
 
+def check_shape(value: Any, arg: str, *, what: str = "one example, no batch axis") -> tuple[int, ...]:
+    """``value`` as a non-empty tuple of positive Python ints; a ``ValueError`` naming ``arg`` (and
+    ``what`` the shape describes) otherwise."""
+    try:
+        ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(
+            not isinstance(d, (bool, np.bool_)) and isinstance(d, (int, np.integer)) and d >= 1 for d in value
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"`{arg}` must be a non-empty tuple of positive ints ({what}), {_got(value)}")
+    return tuple(int(d) for d in value)
+
+
 def check_callable(value: Any, arg: str, signature: str) -> Any:
     """``value`` unchanged if it is callable; a ``TypeError`` naming the expected ``signature``."""
     if not callable(value):
@@ -207,6 +221,7 @@ __all__ = [
     "check_real",
     "check_real_dtype",
     "check_same_structure",
+    "check_shape",
     "check_sparsity",
     "check_zero_one",
 ]

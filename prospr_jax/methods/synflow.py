@@ -43,7 +43,7 @@ from prospr_jax._src.masks import apply_masks, check_masks, dense_masks, is_prun
 from prospr_jax._src.problem import PruningProblem
 from prospr_jax._src.prunable import PrunableSpec, select_prunable
 from prospr_jax._src.tree import PyTree
-from prospr_jax._src.validate import check_bool, check_choice, check_int, check_sparsity
+from prospr_jax._src.validate import check_bool, check_choice, check_int, check_shape, check_sparsity
 from prospr_jax.methods.base import Method, PruneResult, register
 from prospr_jax.methods.rounds import SCHEDULES, progressive_prune
 from prospr_jax.methods.rules import MaskRule
@@ -127,16 +127,6 @@ def _synflow_round(apply_fn, params, model_state, masks, *, input_shape, precisi
     return scores, jnp.logical_not(ok)
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(d) for d in input_shape)
-    except TypeError:
-        raise TypeError(f"`input_shape` must be a tuple of ints (one example, no batch axis), got {input_shape!r}") from None
-    if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"`input_shape` must be a non-empty tuple of positive ints (one example), got {input_shape!r}")
-    return shape
-
-
 def synflow_scores(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -168,7 +158,7 @@ def synflow_scores(
       ``jax.jit``.
     """
     precision = resolve_precision(precision)
-    shape = _check_input_shape(input_shape)
+    shape = check_shape(input_shape, "input_shape")
     if masks is None:
         masks = dense_masks(params, select_prunable(params, prunable))
     else:
@@ -200,7 +190,7 @@ def _synflow(
 ) -> PruneResult:
     check_sparsity(sparsity)
     precision = resolve_precision(options.precision)
-    shape = _check_input_shape(input_shape)
+    shape = check_shape(input_shape, "input_shape")
     rescaled = []
 
     def round_scores(_: int, current: PyTree) -> PyTree:
