@@ -225,3 +225,15 @@ def test_imp_ticket_rewound_to_step_k_trains_the_remaining_steps(tmp_path, capsy
     # Epoch 1 was part of reaching theta_k; training covered epochs 2 (from its 3rd step) and 3.
     assert [h["epoch"] for h in record["history"]] == [2, 3]
     assert record["kept_prunable"] == math.ceil(0.5 * LENET_KERNELS)
+
+
+def test_train_subset_never_drops_a_class():
+    images = np.zeros((100, 2, 2, 1), np.uint8)
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+    ds = data.Dataset("toy", {"train": data.ArraySource(images, labels)}, ("a", "b", "c", "d"),
+                      mean=[0.0], std=[1.0], eval_split=None)
+    with pytest.raises(ValueError, match=r"`subset` 3 is smaller than the number of classes \(4\)"):
+        data.train_subset(ds, 3)
+    with pytest.raises(ValueError, match=r"`subset` 7 would have no example of 1 of the 4 classes \(e\.g\. d"):
+        data.train_subset(ds, 7)  # Proportional shares of 7: 4, 2, 1, 0.
+    assert sorted(set(data.train_subset(ds, 20).train.labels)) == [0, 1, 2, 3]
