@@ -412,7 +412,8 @@ class Experiment:
         import jax  # pylint: disable=import-outside-toplevel
 
         from prospr_jax import data, models  # pylint: disable=import-outside-toplevel
-        from prospr_jax.train import Trainer, make_train_fn  # pylint: disable=import-outside-toplevel
+        from prospr_jax.experiment.training import make_train_fn  # pylint: disable=import-outside-toplevel
+        from prospr_jax.train import Trainer  # pylint: disable=import-outside-toplevel
 
         self.config, self.dataset, self.out, self.progress = config, dataset, out, progress
         self.config_id = _digest(config.fingerprint_dict())
@@ -444,7 +445,7 @@ class Experiment:
         """The i-th scoring batch: step i of the (unaugmented) training stream, as jax arrays."""
         import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-        from prospr_jax.train import batch_at_step  # pylint: disable=import-outside-toplevel
+        from prospr_jax.experiment.training import batch_at_step  # pylint: disable=import-outside-toplevel
 
         if i not in self._prune_batches:
             batch = batch_at_step(

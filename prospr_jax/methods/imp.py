@@ -297,5 +297,5 @@ def _require_start_step(train_fn: Callable[..., Any]) -> None:
     raise ValueError(
         "imp with rewind_step > 0 trains the rewound rounds from step k of the schedule, as Frankle et "
         "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn and "
-        "prospr_jax.train.make_train_fn)"
+        "prospr_jax.experiment.make_train_fn)"
     )
