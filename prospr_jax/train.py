@@ -1,4 +1,4 @@
-"""Masked training after pruning: SGD recipes, jitted train/eval steps and a ``train_fn`` for pruners.
+"""Masked training after pruning: SGD recipes and jitted train/eval steps.
 
 Pruned weights are held at exactly zero for the whole run in two ways at once (METHODS.md, "Common
 conventions"):
@@ -280,7 +280,7 @@ class Trainer:
         Args:
           params: the weights training starts from (the weights the mask was computed on).
           batch_stats: initial BatchNorm statistics (``{}`` without BatchNorm).
-          masks: mask pytree (see :mod:`prospr_jax.masks`); pruned weights are zeroed here.
+          masks: mask pytree (see :func:`prospr_jax.masks_from_scores`); pruned weights are zeroed here.
           rng: a PRNG key (typed or raw) or an int seed; stored raw (uint32 [2]).
           start_step: the global step to start at: the lr schedule continues from it.
         """
@@ -386,89 +386,6 @@ class Trainer:
         return {**{k: v / count for k, v in totals.items()}, "count": int(count)}
 
 
-# --------------------------------------------------------------------------- train_fn for pruners
-
-
-def batch_at_step(dataset: Any, global_step: int, *, batch_size: int, seed: int, augment: bool) -> Batch:
-    """The training batch of global step ``global_step``: step ``global_step % S`` of epoch
-    ``global_step // S`` of ``prospr_jax.data.train_batches`` (S = steps per epoch)."""
-    from prospr_jax import data  # pylint: disable=import-outside-toplevel
-
-    spe = data.steps_per_epoch(dataset, batch_size)
-    epoch, step = divmod(int(global_step), spe)
-    batches = data.train_batches(
-        dataset, batch_size=batch_size, epoch=epoch, seed=seed, augment=augment, start_step=step, prefetch=0
-    )
-    return next(iter(batches))
-
-
-def make_train_fn(
-    trainer: Trainer,
-    dataset: Any,
-    *,
-    batch_stats: PyTree,
-    seed: int = 0,
-    augment: Optional[bool] = None,
-) -> Callable[..., PyTree]:
-    """``PruningProblem.train_fn`` for the methods that train (IMP, DRIVE).
-
-    ``train_fn(params, masks, *, steps=None, key=None, start_step=0) -> params`` trains the masked
-    network from ``params`` with the trainer's recipe and returns the trained params (pruned weights
-    exactly zero). Each call starts a fresh optimiser state and BatchNorm statistics ``batch_stats``;
-    the statistics it accumulates stay inside the call.
-
-    * ``steps``: optimiser steps (``None``: to the end of the recipe's budget, i.e.
-      ``epochs * steps_per_epoch - start_step`` steps).
-    * ``start_step``: global step to start at: the lr schedule AND the data stream continue from there
-      (batch ``start_step`` of the data order is the first one used). IMP rewinding to ``theta_k``
-      passes ``start_step=k`` to train the remaining ``T - k`` steps as Frankle et al. do.
-    * ``key``: a PRNG key; when given, it fixes the data order seed and the step randomness of the
-      call (``seed`` otherwise).
-
-    Data: ``prospr_jax.data.train_batches(dataset, batch_size=recipe.batch_size, epoch=e, seed=...)``,
-    augmented as the recipe says (``augment`` overrides).
-    """
-    from prospr_jax import data  # pylint: disable=import-outside-toplevel
-
-    recipe = trainer.recipe
-    augment = recipe.augment if augment is None else bool(augment)
-    spe = data.steps_per_epoch(dataset, recipe.batch_size)
-    if spe != trainer.steps_per_epoch:
-        raise ValueError(
-            f"the trainer has steps_per_epoch={trainer.steps_per_epoch} but the data set gives {spe} "
-            f"batches of {recipe.batch_size} per epoch"
-        )
-
-    def train_fn(params: PyTree, masks: PyTree, *, steps: Optional[int] = None, key: Any = None, start_step: int = 0):
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
-        steps = max(trainer.total_steps - int(start_step), 0) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ValueError(f"`steps` must be an integer >= 0 or None, got {steps!r}")
-        if key is None:
-            data_seed, rng = int(seed), jax.random.PRNGKey(int(seed))
-        else:
-            key = raw_key(key)
-            data_seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-            rng = jax.random.fold_in(key, 1)
-        state = trainer.init(params, batch_stats, masks, rng=rng, start_step=int(start_step))
-        done, global_step = 0, int(start_step)
-        while done < steps:
-            epoch, first = divmod(global_step, spe)
-            batches = data.train_batches(
-                dataset, batch_size=recipe.batch_size, epoch=epoch, seed=data_seed, augment=augment, start_step=first
-            )
-            for batch in batches:
-                state, _ = trainer.train_step(state, {"image": batch["image"], "label": batch["label"]})
-                done += 1
-                global_step += 1
-                if done == steps:
-                    break
-        return state.params
-
-    return train_fn
-
-
 def raw_key(key: Any) -> jax.Array:
     """``key`` as a raw uint32 [2] key: accepts typed keys (``jax.random.key``) and raw ones."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
@@ -493,11 +410,9 @@ __all__ = [
     "Recipe",
     "TrainState",
     "Trainer",
-    "batch_at_step",
     "get_recipe",
     "make_optimizer",
     "make_schedule",
-    "make_train_fn",
     "milestone_steps",
     "raw_key",
     "step_key",

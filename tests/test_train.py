@@ -11,13 +11,13 @@ import pytest
 import prospr_jax as pj
 from prospr_jax import data
 from prospr_jax.checkpoint import Checkpointer
+from prospr_jax.experiment import make_train_fn
 from prospr_jax.train import (
     RECIPES,
     Recipe,
     Trainer,
     get_recipe,
     make_schedule,
-    make_train_fn,
     milestone_steps,
 )
 

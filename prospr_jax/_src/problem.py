@@ -58,7 +58,7 @@ class PruningProblem:
         returns the trained params (model state updates stay inside the callable). IMP with
         ``rewind_step=k > 0`` also passes ``start_step=k``: continue the learning-rate schedule (and
         data stream) from global step k, and with ``steps=None`` train the remaining ``T - k`` steps
-        (Frankle et al. 2020); the experiment harness's ``make_train_fn`` does this.
+        (Frankle et al. 2020); :func:`prospr_jax.experiment.make_train_fn` does this.
       key: PRNG key for randomised methods.
     """
 

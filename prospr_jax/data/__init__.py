@@ -11,6 +11,9 @@ Sources (`load(name_or_path)`):
 * a path to a folder or `.tar`/`.tar.gz` archive laid out as split/class/image, turned on
   first use into a cached tfds data set (see `prospr_jax.data.image_folder`).
 
+`metadata(name_or_path)` tells the train size, the classes and the image shape without reading
+examples (digits, prepared catalog sets).
+
 Batches (`train_batches`, `eval_batches`) are dicts {'image': float32 [B, H, W, C]
 normalised per channel, 'label': int32 [B]}, produced by a background thread, in an order
 fixed by (seed, epoch).
@@ -26,12 +29,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from prospr_jax.data.augment import draw_crop_flip, normalize, pad_crop_flip
 from prospr_jax.data.catalog import (
     CATALOG_CHANNEL_STATS,
     DatasetNotPreparedError,
+    catalog_metadata,
     catalog_names,
     is_catalog_name,
     load_catalog,
@@ -44,7 +49,9 @@ from prospr_jax.data.dataset import (
     train_subset,
 )
 from prospr_jax.data.digits import (
+    DIGITS_IMAGE_SHAPE,
     DIGITS_NAME,
+    DIGITS_NUM_CLASSES,
     DIGITS_NUM_TEST,
     DIGITS_NUM_TRAIN,
     load_digits_dataset,
@@ -81,6 +88,64 @@ def _is_path(name: str) -> bool:
     """An existing path, an archive name, or a name with a path separator."""
     separators = {os.sep, os.altsep} - {None}
     return os.path.exists(name) or is_archive_path(name) or any(s in name for s in separators)
+
+
+def _unknown_name_error(name: str) -> ValueError:
+    hint = ""
+    if "tiny" in name.lower() and "imagenet" in name.lower():
+        hint = (
+            " tiny-imagenet is not in the tfds catalog: lay its images out as "
+            "train/<class>/*.JPEG and test/<class>/*.JPEG (its val images sorted into class "
+            "folders) and pass that folder or an archive of it."
+        )
+    return ValueError(
+        f"unknown data set {name!r}. Choices: {DIGITS_NAME!r} (offline, ships "
+        f"with scikit-learn); a tensorflow-datasets catalog name such as "
+        f"{', '.join(repr(n) for n in KNOWN_CATALOG_NAMES)} (any image classification "
+        "set of the installed tfds catalog, prepared in data_dir); or a path to a folder "
+        "or .tar/.tar.gz archive laid out as split/class/image." + hint
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What a data set holds, known before its examples are read (see `metadata`).
+
+    Attributes:
+        num_train: examples in the train split (before any subset).
+        num_classes: number of classes.
+        image_shape: (H, W, C) of the images as batched, or None when not known yet.
+    """
+
+    num_train: int
+    num_classes: int
+    image_shape: tuple[int, int, int] | None
+
+
+def metadata(
+    name_or_path: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+) -> Metadata | None:
+    """The `Metadata` of what `load(name_or_path, ...)` would load, without reading examples.
+
+    Known for 'digits' (constants) and for prepared tfds catalog sets (their tfds metadata); None
+    for folders and archives, whose classes and sizes are known once converted.
+
+    Raises:
+        DatasetNotPreparedError: a catalog set is not prepared in `data_dir`.
+        ValueError: an unknown name (as `load` raises it), a catalog set without a 'train' split
+            or not an image classification set.
+    """
+    name = os.fspath(name_or_path)
+    if name == DIGITS_NAME:
+        return Metadata(DIGITS_NUM_TRAIN, DIGITS_NUM_CLASSES, DIGITS_IMAGE_SHAPE)
+    if is_catalog_name(name):
+        return Metadata(*catalog_metadata(name, data_dir=data_dir, image_size=image_size))
+    if not _is_path(name):
+        raise _unknown_name_error(name)
+    return None
 
 
 def load(
@@ -135,20 +200,7 @@ def load(
     elif _is_path(name_or_path):
         dataset = load_image_folder(name_or_path, cache_dir=cache_dir)
     else:
-        hint = ""
-        if "tiny" in name_or_path.lower() and "imagenet" in name_or_path.lower():
-            hint = (
-                " tiny-imagenet is not in the tfds catalog: lay its images out as "
-                "train/<class>/*.JPEG and test/<class>/*.JPEG (its val images sorted into class "
-                "folders) and pass that folder or an archive of it."
-            )
-        raise ValueError(
-            f"unknown data set {name_or_path!r}. Choices: {DIGITS_NAME!r} (offline, ships "
-            f"with scikit-learn); a tensorflow-datasets catalog name such as "
-            f"{', '.join(repr(n) for n in KNOWN_CATALOG_NAMES)} (any image classification "
-            "set of the installed tfds catalog, prepared in data_dir); or a path to a folder "
-            "or .tar/.tar.gz archive laid out as split/class/image." + hint
-        )
+        raise _unknown_name_error(name_or_path)
     if subset is not None:
         dataset = train_subset(dataset, subset, seed)
     if in_memory:
@@ -161,7 +213,9 @@ __all__ = [
     "ArraySource",
     "Augmentation",
     "CATALOG_CHANNEL_STATS",
+    "DIGITS_IMAGE_SHAPE",
     "DIGITS_NAME",
+    "DIGITS_NUM_CLASSES",
     "DIGITS_NUM_TEST",
     "DIGITS_NUM_TRAIN",
     "Dataset",
@@ -169,10 +223,12 @@ __all__ = [
     "EpochBatches",
     "ImageSource",
     "KNOWN_CATALOG_NAMES",
+    "Metadata",
     "SubsetSource",
     "TfdsSource",
     "augmentation_rng",
     "cache_entry_dir",
+    "catalog_metadata",
     "catalog_names",
     "channel_stats",
     "decode_image",
@@ -188,6 +244,7 @@ __all__ = [
     "load_catalog",
     "load_digits_dataset",
     "load_image_folder",
+    "metadata",
     "normalize",
     "pad_crop_flip",
     "prefetch",

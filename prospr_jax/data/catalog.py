@@ -92,6 +92,44 @@ def _not_prepared_message(name: str, builder, data_dir: str) -> str:
     return "\n".join(lines)
 
 
+def catalog_metadata(
+    name: str, *, data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> tuple[int, int, tuple[int, int, int] | None]:
+    """What the prepared catalog set `name` holds, from its tfds metadata only (no example read).
+
+    Args:
+        name: a catalog name, optionally with ':version' or '/config'.
+        data_dir: tfds data dir; default `TFDS_DATA_DIR` or tfds' default.
+        image_size: the square size images will be resized to (`load_catalog`'s argument).
+
+    Returns:
+        `(train examples, classes, image shape)`; the shape is None when the images have a
+        variable size and no `image_size` is given.
+
+    Raises:
+        DatasetNotPreparedError: the set is not prepared in `data_dir`.
+        ValueError: the set has no 'train' split or is not an image classification set.
+    """
+    resolved_dir = _resolved_data_dir(data_dir)
+    builder = tfds.builder(name, data_dir=resolved_dir, try_gcs=False)
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(_not_prepared_message(name, builder, resolved_dir))
+    info = builder.info
+    features = info.features
+    if "image" not in features.keys() or not isinstance(features.get("label"), tfds.features.ClassLabel):
+        raise ValueError(
+            f"data set {name!r} is not an image classification set: expected an 'image' "
+            f"feature and a ClassLabel 'label' feature, got {sorted(features.keys())}"
+        )
+    if "train" not in info.splits:
+        raise ValueError(f"data set {name!r} has no 'train' split, only {sorted(info.splits)}")
+    height, width, channels = features["image"].shape
+    if image_size is not None:
+        height = width = image_size
+    shape = None if None in (height, width, channels) else (int(height), int(width), int(channels))
+    return int(info.splits["train"].num_examples), int(features["label"].num_classes), shape
+
+
 def load_catalog(
     name: str,
     *,

@@ -183,13 +183,31 @@ def train_subset(dataset: Dataset, num: int, seed: int = 0) -> Dataset:
 
     The normalisation statistics stay those of the full train split; the other splits are
     unchanged. See `stratified_indices` for how the subset is drawn.
+
+    Raises:
+        ValueError: `num` is not in [1, train size], or the subset would leave a class of the
+            train split without examples (always so when `num` is smaller than the number of
+            classes; with very unbalanced classes also for a larger `num`).
     """
     train = dataset.splits["train"]
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 0 < num <= len(train):
         raise ValueError(
             f"subset must be an int in [1, {len(train)}] (the train split's size), got {num!r}"
         )
+    present = np.unique(train.labels)
+    if num < len(present):
+        raise ValueError(
+            f"`subset` {num} is smaller than the number of classes ({len(present)}): a stratified "
+            f"subset of {num} examples would drop {len(present) - num} classes; use `subset` >= {len(present)}"
+        )
     indices = stratified_indices(train.labels, int(num), seed)
+    missing = np.setdiff1d(present, train.labels[indices])
+    if missing.size:
+        names = [dataset.class_names[c] if c < len(dataset.class_names) else str(c) for c in missing[:10]]
+        raise ValueError(
+            f"`subset` {num} would have no example of {missing.size} of the {len(present)} classes "
+            f"(e.g. {', '.join(names)}: too few in the train split for their share); use a larger `subset`"
+        )
     splits = dict(dataset.splits)
     splits["train"] = SubsetSource(train, indices)
     return dataclasses.replace(dataset, splits=splits)

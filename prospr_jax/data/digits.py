@@ -15,6 +15,8 @@ from prospr_jax.data.sources import ArraySource
 DIGITS_NAME = "digits"
 DIGITS_NUM_TEST = 360
 DIGITS_NUM_TRAIN = 1437
+DIGITS_NUM_CLASSES = 10
+DIGITS_IMAGE_SHAPE = (8, 8, 1)
 # The train/test split never changes with the caller's seed: results stay comparable.
 _SPLIT_SEED = 0
 
@@ -43,7 +45,7 @@ def load_digits_dataset() -> Dataset:
             "train": ArraySource(images[train], labels[train]),
             "test": ArraySource(images[test], labels[test]),
         },
-        class_names=tuple(str(k) for k in range(10)),
+        class_names=tuple(str(k) for k in range(DIGITS_NUM_CLASSES)),
         mean=mean,
         std=std,
         horizontal_flip_safe=False,

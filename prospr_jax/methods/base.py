@@ -176,7 +176,10 @@ class Method:
             raise ValueError(
                 f"method {self.name!r} has no option(s) {unknown}; its options: {describe_options(self.Options)}"
             )
-        return self.Options(**options)
+        try:
+            return self.Options(**options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"method {self.name!r}: {err}") from None
 
 
 def describe_options(options_cls: type) -> str:

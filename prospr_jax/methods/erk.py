@@ -83,7 +83,7 @@ def erk_densities(
       params_or_shapes: the params, or any pytree with their leaves' shapes (arrays,
         ``jax.ShapeDtypeStruct``, or a scores pytree).
       prunable_tree: bool pytree of pruned leaves (e.g. ``problem.prunable_tree()``); ``None``: the
-        default selection of :func:`prospr_jax.prunable.select_prunable` (Conv/Dense kernels).
+        default selection of :func:`prospr_jax.select_prunable` (Conv/Dense kernels).
       sparsity: global sparsity over the pruned leaves, in [0, 1).
       erdos_renyi_kernel: ERK (all kernel dims, default) or plain ER (the two channel dims).
       power_scale: exponent on ``raw_l`` (RigL's ``erk_power_scale``; 1.0 = ERK, 0.0 = uniform).

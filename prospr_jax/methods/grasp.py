@@ -128,7 +128,7 @@ def grasp_scores(
       full_gradient: use ``g`` over ALL parameters in ``H g`` (default False: ``g`` over the prunable
         weights only, the Hessian block the official code uses).
       prunable, exclude_first, exclude_last: which leaves are scored (see
-        :func:`prospr_jax.prospr.prospr_scores`).
+        :func:`prospr_jax.prospr_scores`).
 
     Returns:
       Scores pytree: ``theta * (H g)`` on pruned leaves (may be negative), 0-d zero elsewhere. Remove

@@ -21,7 +21,7 @@ Schedule (defined exactly, so that the last round lands on the requested sparsit
   actually used is reported in ``info['prune_fraction_used']``.
 
 Pruning only ever removes weights that are still kept: pruned weights get the score ``-1``, below
-every magnitude, before :func:`prospr_jax.masks.masks_from_scores` keeps the top count (ties broken
+every magnitude, before :func:`prospr_jax.masks_from_scores` keeps the top count (ties broken
 deterministically), so the masks are monotone over the rounds.
 
 Training goes through ``problem.train_fn(params, masks, *, steps=None, key=None) -> params``, so any
@@ -227,7 +227,8 @@ def _require_start_step(train_fn: Callable[..., Any]) -> None:
         return
     raise ValueError(
         "imp with rewind_step > 0 trains the rewound rounds from step k of the schedule, as Frankle et "
-        "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn)"
+        "al. do: `problem.train_fn` must accept `start_step=` (see PruningProblem.train_fn and "
+        "prospr_jax.experiment.make_train_fn)"
     )
 
 

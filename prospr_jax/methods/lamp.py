@@ -39,7 +39,7 @@ def lamp_scores(scores: PyTree) -> PyTree:
     largest entry scores 1, so LAMP never empties a layer whose scores are not all zero.
 
     Args:
-      scores: a scores pytree (see :mod:`prospr_jax.masks`); must be non-negative (checked outside
+      scores: a scores pytree (see :func:`prospr_jax.masks_from_scores`); must be non-negative (checked outside
         ``jit``).
 
     Returns:

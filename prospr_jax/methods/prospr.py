@@ -27,7 +27,7 @@ only the M parameter snapshots ``w_0 .. w_{M-1}``; each Hessian-vector product i
 step's activations unless ``remat=True`` wraps each step in ``jax.checkpoint``.
 
 Both run as one ``lax.scan`` whatever M is, so the compiled program does not grow with M. The
-differentiated program is passed through :func:`prospr_jax.canonical_convs.canonicalize_convs`, which
+differentiated program is passed through the convolution rewrite (``prospr_jax._src.jaxpr.canonical_convs``), which
 computes every convolution in channels-last layout: XLA's CPU compiler otherwise runs the
 convolutions of autodiff inside loop bodies in a slow generic form (about 30x slower on ResNet-20).
 """

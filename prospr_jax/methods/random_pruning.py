@@ -32,7 +32,7 @@ def random_scores(key: jax.Array, params: PyTree, prunable: PrunableSpec = None)
     Args:
       key: a ``jax.random`` key (typed or raw ``PRNGKey``).
       params: parameter pytree.
-      prunable: which leaves are scored (see :func:`prospr_jax.prunable.select_prunable`).
+      prunable: which leaves are scored (see :func:`prospr_jax.select_prunable`).
 
     Returns:
       Scores pytree with ``params``' structure. Jittable.

@@ -1,4 +1,4 @@
-"""Presets of ``python -m experiments.prune_train``: a data set, a model, a recipe, methods, sparsities.
+"""Presets of the prune-then-train runner: a data set, a model, a recipe, methods, sparsities.
 
 Command-line flags override any field of a preset (``--epochs 2`` on a paper preset is a smoke run).
 

@@ -1,0 +1,7 @@
+"""``python -m prospr_jax.experiment``: the prune-then-train runner (see :mod:`prospr_jax.experiment`)."""
+
+import sys
+
+from prospr_jax.experiment.main import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The runner's only door into :mod:`prospr_jax.methods`: method names, option checks, pruning.
+
+Every call the experiment harness makes into the method registry goes through this module, so that
+every check a method declares (its options, the mask-rule settings it supports) runs when the run's
+configuration is read, before any data is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from prospr_jax import methods as registry
+from prospr_jax.methods import MaskRule, PruneResult
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered pruning method names, in registration order."""
+    return registry.names()
+
+
+def produces_masks(name: str) -> bool:
+    """Whether method ``name`` computes masks itself (multi-round or layer-by-layer methods).
+
+    Raises:
+      ValueError: ``name`` is not a registered method (the message lists them).
+    """
+    return registry.get(name).kind == "masks"
+
+
+def check_method_options(name: str, options: Mapping[str, Any]) -> None:
+    """Check the options of method ``name`` (names and values, from its declared ``Options``) without
+    running it.
+
+    Raises:
+      ValueError, TypeError: unknown method, unknown option (the message lists the method's options
+        with their defaults) or a bad value.
+    """
+    registry.check_call(name, None, dict(options), MaskRule())
+
+
+def check_rules(name: str, *, density_rule: Optional[str], scope: str, min_per_layer: int) -> None:
+    """Check that method ``name`` supports the mask rule the run sets.
+
+    Raises:
+      ValueError: a bad rule, or a rule setting the method does not support.
+    """
+    registry.check_call(name, None, {}, MaskRule(density_rule, scope, min_per_layer))
+
+
+def prune(
+    name: str,
+    problem: Any,
+    sparsity: float,
+    *,
+    density_rule: Optional[str],
+    scope: str,
+    min_per_layer: int,
+    options: Mapping[str, Any],
+) -> PruneResult:
+    """``prospr_jax.methods.prune``: the :class:`prospr_jax.methods.PruneResult` of method ``name``."""
+    return registry.prune(
+        name, problem, sparsity, density_rule=density_rule, scope=scope, min_per_layer=min_per_layer, **options
+    )
+
+
+__all__ = ["check_method_options", "check_rules", "method_names", "produces_masks", "prune"]
