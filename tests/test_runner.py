@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import prospr_jax as pj
 from prospr_jax import apply_masks, data, experiment, models
 from prospr_jax.checkpoint import Checkpointer
 from prospr_jax.experiment.checks import check_model_input
@@ -533,3 +534,44 @@ def test_no_package_named_experiments_is_installed_and_the_trainer_needs_no_data
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
+
+
+USER_METHOD = '''
+import dataclasses
+import jax, jax.numpy as jnp
+import prospr_jax as pj
+
+
+@pj.methods.register
+class GradientNorm(pj.methods.Method):
+    name, paper, idea, data, cost = "test_runner_gradnorm", "baseline", "|dL/dtheta|", "1 batch", "1 backward pass"
+    needs = ("batch_fn",)
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        batch_index: int = 0
+
+    def score(self, problem, options):
+        g = jax.grad(problem.loss_fn)(problem.params, problem.batch(options.batch_index))
+        return pj.scores_on_prunable(jax.tree_util.tree_map(jnp.abs, g), problem.prunable_tree())
+'''
+
+
+def test_a_user_method_runs_by_name_in_the_runner(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_methods_for_runner.py").write_text(USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    try:
+        code, stdout, err = run_main(
+            TINY + ["--import", "my_methods_for_runner", "--methods", "test_runner_gradnorm", "--sparsities", "0.8",
+                    "--method-options", '{"test_runner_gradnorm": {"batch_index": 1}}', "--epochs", "1",
+                    "--out", str(out)], capsys)
+        assert code == 0, err
+        (record,) = read_jsonl(out / "results.jsonl")
+        assert record["method"] == "test_runner_gradnorm" and record["method_options"] == {"batch_index": 1}
+        assert record["kept_prunable"] == math.ceil(0.2 * LENET_KERNELS)
+        code, _, err = run_main(TINY + ["--import", "no_such_module_here", "--out", str(tmp_path / "x")], capsys)
+        assert code == 2 and "`--import` no_such_module_here: ModuleNotFoundError" in err
+    finally:
+        if "test_runner_gradnorm" in pj.methods.names():
+            pj.methods.unregister("test_runner_gradnorm")

@@ -9,11 +9,12 @@ disagree with it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from prospr_jax import models
 from prospr_jax.experiment.presets import DEFAULT_PRESET, PRESETS, get_preset
@@ -25,7 +26,7 @@ DEFAULT_SEED = 0
 DEFAULT_EVAL_EVERY = 1
 DEFAULT_EVAL_BATCH_SIZE = 500
 # Flags about how a run is carried out, not what it computes: never stored, never compared.
-RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress")
+RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imports")
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
@@ -91,6 +92,24 @@ def _json_object(text: str) -> dict:
 # --------------------------------------------------------------------------- parser
 
 
+def import_modules(argv: Sequence[str]) -> list[str]:
+    """Import the modules named by ``--import MODULE`` in ``argv`` (before the parser is built, so the
+    methods they register are choices of ``--methods``).
+
+    Raises:
+      UsageError: a module that cannot be imported (with the reason).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    names = pre.parse_known_args(list(argv))[0].imports
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module is reported as is
+            raise UsageError(f"`--import` {name}: {type(e).__name__}: {e}") from None
+    return names
+
+
 def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.ArgumentParser:
     """The runner's command line.
 
@@ -115,6 +134,9 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    add("--import", dest="imports", action="append", metavar="MODULE",
+        help="import this Python module first (repeatable): a module that registers methods of your own "
+             "with prospr_jax.methods.register makes them available to --methods (pass it again on --resume)")
     add("--preset", choices=tuple(PRESETS), help=f"protocol to start from (default {DEFAULT_PRESET!r})")
     add("--dataset", help="'digits' (offline), a tfds catalog name (e.g. cifar10) or a path to a split/class/image folder or archive")
     add("--data-dir", help="tfds data dir of catalog data sets")

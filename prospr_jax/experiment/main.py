@@ -24,7 +24,7 @@ from absl import logging as absl_logging
 from prospr_jax import data
 from prospr_jax.experiment.cells import checkpoint_path
 from prospr_jax.experiment.checks import check_loaded
-from prospr_jax.experiment.config import UsageError, build_parser
+from prospr_jax.experiment.config import UsageError, build_parser, import_modules
 from prospr_jax.experiment.launch import Launch, launch, resume_command
 from prospr_jax.experiment.results import latest_records, read_records, summary_line, write_report
 from prospr_jax.experiment.runner import Experiment, Progress, run_cell
@@ -148,10 +148,15 @@ def interrupted_line(run: Launch, now: Optional[Progress], prog: str, signame: s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the experiment the command line asks for; returns the exit status (module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import_modules(argv)
+    except UsageError as e:
+        build_parser(_program()).error(str(e))
     parser = build_parser(_program())
     args = parser.parse_args(argv)
     try:
-        run = launch(args, list(sys.argv[1:] if argv is None else argv))
+        run = launch(args, argv)
     except UsageError as e:
         parser.error(str(e))
     with run.lock, _sigterm_as_interrupt():
