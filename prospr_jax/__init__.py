@@ -38,6 +38,7 @@ from prospr_jax._src.masks import (
 from prospr_jax._src.optimizer import MaskedOptimizerState, masked_optimizer, masks_of, set_masks
 from prospr_jax._src.problem import PruningProblem
 from prospr_jax._src.prunable import default_prunable, select_prunable
+from prospr_jax._src.sharding import data_mesh, describe_mesh, process_rows, replicate, shard_batch
 from prospr_jax._src.tree import named_leaves, path_name
 from prospr_jax.methods import PruneResult, meta_gradient, prospr_scores, snip_scores, stack_batches
 
@@ -56,6 +57,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "shard_batch",
+    "replicate",
+    "process_rows",
+    "describe_mesh",
+    "data_mesh",
     "LayerCollapseWarning",
     "LayerSparsity",
     "MaskedOptimizerState",

@@ -44,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from prospr_jax import apply_masks, check_masks, cross_entropy, masked_optimizer, masks_of
+from prospr_jax._src.sharding import batch_sharding, process_rows, replicate, replicated, shard_batch
 from prospr_jax._src.tree import PyTree
 
 Batch = Mapping[str, Any]
@@ -249,11 +251,17 @@ class Trainer:
         [B, num_classes]; BatchNorm statistics in the ``batch_stats`` collection.
       recipe: the training :class:`Recipe`.
       steps_per_epoch: optimiser steps per epoch (fixes the schedule's milestones).
+      mesh: ``None`` (one device) or a data mesh (:func:`prospr_jax.data_mesh`): the steps then run
+        data-parallel, the state replicated and each GLOBAL batch sharded over the ``'data'`` axis
+        (BatchNorm statistics, the loss and the gradient are those of the global batch, as on one
+        device). Batches given to :meth:`train_epoch`/:meth:`evaluate` are this process's rows of each
+        global batch (:attr:`rows`; all of it with one process).
     """
 
     model: Any
     recipe: Recipe
     steps_per_epoch: int
+    mesh: Optional[Mesh] = None
     optimizer: optax.GradientTransformation = dataclasses.field(init=False, repr=False)
     schedule: optax.Schedule = dataclasses.field(init=False, repr=False)
     train_step: Callable[..., Any] = dataclasses.field(init=False, repr=False)
@@ -265,12 +273,30 @@ class Trainer:
         _check_positive_int(self.steps_per_epoch, "steps_per_epoch")
         object.__setattr__(self, "optimizer", make_optimizer(self.recipe, self.steps_per_epoch))
         object.__setattr__(self, "schedule", make_schedule(self.recipe, self.steps_per_epoch))
-        object.__setattr__(self, "train_step", jax.jit(self._train_step))
-        object.__setattr__(self, "eval_step", jax.jit(self._eval_step))
+        if self.mesh is None:
+            train_step, eval_step = jax.jit(self._train_step), jax.jit(self._eval_step)
+        else:
+            process_rows(self.recipe.batch_size, self.mesh)  # the batch must split over the devices
+            whole, split = replicated(self.mesh), batch_sharding(self.mesh)
+            train_step = jax.jit(self._train_step, in_shardings=(whole, split), out_shardings=(whole, whole))
+            eval_step = jax.jit(self._eval_step, in_shardings=(whole, split), out_shardings=whole)
+        object.__setattr__(self, "train_step", train_step)
+        object.__setattr__(self, "eval_step", eval_step)
 
     @property
     def total_steps(self) -> int:
         return self.recipe.epochs * self.steps_per_epoch
+
+    @property
+    def rows(self) -> Optional[slice]:
+        """The rows of each global training batch this process loads (``None``: all, one process)."""
+        if self.mesh is None or jax.process_count() == 1:
+            return None
+        return process_rows(self.recipe.batch_size, self.mesh)
+
+    def place_batch(self, batch: Batch) -> Batch:
+        """A batch (this process's rows) as the step takes it: sharded over the mesh when there is one."""
+        return batch if self.mesh is None else shard_batch(batch, self.mesh)
 
     def init(
         self, params: PyTree, batch_stats: PyTree, masks: PyTree, *, rng: Any, start_step: int = 0
@@ -293,13 +319,14 @@ class Trainer:
         opt_state = masked_optimizer(self.optimizer, masks).init(params)
         if start_step:
             opt_state = _set_schedule_count(opt_state, int(start_step))
-        return TrainState(
+        state = TrainState(
             params=params,
             batch_stats=batch_stats if batch_stats else {},
             opt_state=opt_state,
             step=jnp.asarray(start_step, jnp.int32),
             rng=rng,
         )
+        return state if self.mesh is None else replicate(state, self.mesh)
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         masks = masks_of(state.opt_state)
@@ -357,7 +384,7 @@ class Trainer:
         loss_sum = top1_sum = 0.0
         steps = 0
         for batch in batches:
-            state, metrics = self.train_step(state, {"image": batch["image"], "label": batch["label"]})
+            state, metrics = self.train_step(state, self.place_batch({"image": batch["image"], "label": batch["label"]}))
             loss_sum = loss_sum + metrics["loss"]
             top1_sum = top1_sum + metrics["top1"]
             steps += 1
@@ -377,7 +404,7 @@ class Trainer:
         """
         totals: dict[str, Any] = {}
         for batch in batches:
-            sums = self.eval_step(state, batch)
+            sums = self.eval_step(state, self.place_batch(batch))
             totals = sums if not totals else {k: totals[k] + v for k, v in sums.items()}
         if not totals:
             raise ValueError("`batches` is empty: nothing to evaluate")

@@ -80,10 +80,20 @@ class Augmentation:
         if not isinstance(self.flip, bool):
             raise TypeError(f"flip must be a bool, got {self.flip!r}")
 
-    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(
+        self, images: np.ndarray, rng: np.random.Generator, *, batch_size: int | None = None,
+        rows: slice | None = None,
+    ) -> np.ndarray:
+        """Augment ``images``: a whole batch, or the ``rows`` (of a batch of ``batch_size``) that were
+        read. The draws are always those of the whole batch, so the rows a process reads are augmented
+        exactly as in a single-process run."""
         if self.crop_padding == 0 and not self.flip:
             return images
-        offsets, flips = draw_crop_flip(rng, images.shape[0], self.crop_padding, self.flip)
+        offsets, flips = draw_crop_flip(
+            rng, images.shape[0] if rows is None else batch_size, self.crop_padding, self.flip
+        )
+        if rows is not None:
+            offsets, flips = offsets[rows], flips[rows]
         return pad_crop_flip(images, offsets, flips, self.crop_padding)
 
 
@@ -106,6 +116,7 @@ class EpochBatches(Iterable[Batch]):
     augmentation: Augmentation | None = None
     start_step: int = 0
     prefetch: int = 2
+    rows: slice | None = None
 
     def __len__(self) -> int:
         return max(0, self.num_steps - self.start_step)
@@ -127,16 +138,22 @@ class EpochBatches(Iterable[Batch]):
         return np.arange(n)
 
     def _make_batch(self, step: int, indices: np.ndarray) -> Batch:
-        images, labels = self.source.get_batch(indices)
+        real = len(indices)
+        size = self.batch_size if self.pad_remainder else real
+        rows = range(size)[self.rows] if self.rows is not None else range(size)
+        kept = slice(rows.start, min(rows.stop, real))  # the rows read that hold real examples
+        images, labels = self.source.get_batch(indices[kept])
         if self.augmentation is not None:
-            images = self.augmentation(images, augmentation_rng(self.seed, self.epoch, step))
+            rng = augmentation_rng(self.seed, self.epoch, step)
+            images = self.augmentation(images, rng, batch_size=real, rows=kept)
         batch = {"image": normalize(images, self.mean, self.std), "label": labels}
         if self.pad_remainder:
-            real = len(indices)
-            mask = np.zeros(self.batch_size, np.float32)
-            mask[:real] = 1.0
-            if real < self.batch_size:
-                pad = self.batch_size - real
+            count = len(rows)
+            have = max(0, kept.stop - kept.start)
+            mask = np.zeros(count, np.float32)
+            mask[:have] = 1.0
+            if have < count:
+                pad = count - have
                 batch["image"] = np.concatenate(
                     [batch["image"], np.zeros((pad, *batch["image"].shape[1:]), np.float32)]
                 )
@@ -168,6 +185,7 @@ def iterate_batches(
     augmentation: Augmentation | None = None,
     start_step: int = 0,
     prefetch: int = 2,
+    rows: slice | None = None,
 ) -> EpochBatches:
     """Batches of one pass over `source`.
 
@@ -184,8 +202,13 @@ def iterate_batches(
         augmentation: applied to the uint8 images before normalisation, or None.
         start_step: first batch to produce (resume inside an epoch).
         prefetch: batches prepared ahead by a background thread; 0 = no thread.
+        rows: read only these rows of every batch (one process's share of a global batch, see
+            `prospr_jax.process_rows`); the order and the augmentation draws are those of the whole
+            batch. Default: every row.
     """
     _check_int("batch_size", batch_size, 1)
+    if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+        raise TypeError(f"`rows` must be a contiguous slice or None, got {rows!r}")
     _check_int("seed", seed, 0)
     _check_int("epoch", epoch, 0)
     _check_int("start_step", start_step, 0)
@@ -207,6 +230,7 @@ def iterate_batches(
         augmentation=augmentation,
         start_step=int(start_step),
         prefetch=int(prefetch),
+        rows=rows,
     )
 
 
@@ -222,6 +246,7 @@ def train_batches(
     drop_remainder: bool = True,
     start_step: int = 0,
     prefetch: int = 2,
+    rows: slice | None = None,
 ) -> EpochBatches:
     """The shuffled, augmented training batches of epoch `epoch` (same seed+epoch -> same batches).
 
@@ -237,6 +262,7 @@ def train_batches(
         drop_remainder: leave out the last smaller batch (default True).
         start_step: first batch of the epoch to produce (resume inside an epoch).
         prefetch: batches prepared ahead by a background thread.
+        rows: this process's rows of every global batch (see `iterate_batches`).
     """
     augmentation = None
     if augment:
@@ -257,6 +283,7 @@ def train_batches(
         augmentation=augmentation,
         start_step=start_step,
         prefetch=prefetch,
+        rows=rows,
     )
 
 
@@ -267,10 +294,11 @@ def eval_batches(
     split: str | None = None,
     pad_remainder: bool = False,
     prefetch: int = 2,
+    rows: slice | None = None,
 ) -> EpochBatches:
     """Every example of `split` (default: the evaluation split) exactly once, in index order,
-    without augmentation; the last batch is smaller unless `pad_remainder` (see
-    `iterate_batches`)."""
+    without augmentation; the last batch is smaller unless `pad_remainder`; `rows` reads one
+    process's rows of every batch (see `iterate_batches`)."""
     source = dataset.test if split is None else dataset[split]
     return iterate_batches(
         source,
@@ -279,6 +307,7 @@ def eval_batches(
         std=dataset.std,
         pad_remainder=pad_remainder,
         prefetch=prefetch,
+        rows=rows,
     )
 
 

@@ -272,7 +272,7 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
             watch = _LossWatch(epoch, first, spe)
             batches = data.train_batches(
                 exp.dataset, batch_size=cfg.recipe.batch_size, epoch=epoch, seed=cfg.seed,
-                augment=cfg.recipe.augment, start_step=first - epoch * spe,
+                augment=cfg.recipe.augment, start_step=first - epoch * spe, rows=exp.trainer.rows,
             )
             try:
                 state, train_metrics = exp.trainer.train_epoch(state, batches, on_step=on_step)

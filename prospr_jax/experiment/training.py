@@ -105,10 +105,11 @@ def make_train_fn(
         while done < steps:
             epoch, first = divmod(global_step, spe)
             batches = data.train_batches(
-                dataset, batch_size=recipe.batch_size, epoch=epoch, seed=data_seed, augment=augment, start_step=first
+                dataset, batch_size=recipe.batch_size, epoch=epoch, seed=data_seed, augment=augment, start_step=first,
+                rows=trainer.rows,
             )
             for batch in batches:
-                state, _ = trainer.train_step(state, {"image": batch["image"], "label": batch["label"]})
+                state, _ = trainer.train_step(state, trainer.place_batch({"image": batch["image"], "label": batch["label"]}))
                 done += 1
                 global_step += 1
                 if done == steps:
