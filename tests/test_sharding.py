@@ -37,3 +37,14 @@ def test_rows_of_every_batch_reassemble_the_global_batch(split):
         for key in ("image", "label", "mask"):
             np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]), batch[key])
     assert sum(float(b["mask"].sum()) for b in evals) == 360
+
+
+def test_a_grain_pipeline_builds_the_same_batches():
+    ds = data.load("digits")
+    kw = dict(batch_size=64, epoch=1, seed=2, start_step=3, prefetch=2, rows=slice(0, 32))
+    plain = list(data.train_batches(ds, **kw))
+    parallel = list(data.train_batches(ds, workers=3, **kw))
+    assert len(plain) == len(parallel) == data.steps_per_epoch(ds, 64) - 3
+    for a, b in zip(plain, parallel):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -6,7 +6,14 @@ Every batch is a dict {'image': float32 [B, H, W, C] normalised per channel,
 Determinism, for exact resume after a crash: the order of epoch `e` is the permutation
 `np.random.default_rng([seed, e, 0]).permutation(N)`, and the augmentation draws of step `s`
 of that epoch come from `np.random.default_rng([seed, e, 1, s])`. So the batches of an epoch
-depend only on (seed, epoch), and `start_step` skips batches without reading them.
+depend only on (seed, epoch), and `start_step` skips batches without reading them. A batch is
+a pure function of its step, so its rows can be split between processes (`rows`: each process
+reads only its share of every global batch) and batches can be built in parallel.
+
+Parallel reading: by default one background thread builds the next `prefetch` batches. With
+`workers=K > 0` a grain pipeline (`grain.MapDataset` over the steps, read by K threads) builds
+them instead, in the same order and with the same contents; it pays off when decoding
+dominates (JPEG-backed catalog sets, large images), see experiments/bench_input_pipeline.py.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class EpochBatches(Iterable[Batch]):
     start_step: int = 0
     prefetch: int = 2
     rows: slice | None = None
+    workers: int = 0
 
     def __len__(self) -> int:
         return max(0, self.num_steps - self.start_step)
@@ -167,7 +175,21 @@ class EpochBatches(Iterable[Batch]):
             indices = order[step * self.batch_size:(step + 1) * self.batch_size]
             yield self._make_batch(step, indices)
 
+    def _grain(self) -> Iterator[Batch]:
+        import grain  # noqa: PLC0415 - optional: only the workers>0 path needs it
+
+        order = self._order()
+
+        def batch_at(step: int) -> Batch:
+            return self._make_batch(step, order[step * self.batch_size:(step + 1) * self.batch_size])
+
+        steps = grain.MapDataset.range(self.start_step, max(self.start_step, self.num_steps))
+        options = grain.ReadOptions(num_threads=self.workers, prefetch_buffer_size=max(self.prefetch, self.workers))
+        return iter(steps.map(batch_at).to_iter_dataset(options))
+
     def __iter__(self) -> Iterator[Batch]:
+        if self.workers:
+            return self._grain()
         return prefetch(self._generate(), self.prefetch)
 
 
@@ -186,6 +208,7 @@ def iterate_batches(
     start_step: int = 0,
     prefetch: int = 2,
     rows: slice | None = None,
+    workers: int = 0,
 ) -> EpochBatches:
     """Batches of one pass over `source`.
 
@@ -205,6 +228,8 @@ def iterate_batches(
         rows: read only these rows of every batch (one process's share of a global batch, see
             `prospr_jax.process_rows`); the order and the augmentation draws are those of the whole
             batch. Default: every row.
+        workers: 0 = one background thread (`prefetch` batches ahead); K > 0 = a grain pipeline
+            reading with K threads (same batches, see the module docstring).
     """
     _check_int("batch_size", batch_size, 1)
     if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
@@ -213,6 +238,7 @@ def iterate_batches(
     _check_int("epoch", epoch, 0)
     _check_int("start_step", start_step, 0)
     _check_int("prefetch", prefetch, 0)
+    _check_int("workers", workers, 0)
     if drop_remainder and pad_remainder:
         raise ValueError("drop_remainder and pad_remainder cannot both be True")
     if augmentation is not None and not isinstance(augmentation, Augmentation):
@@ -231,6 +257,7 @@ def iterate_batches(
         start_step=int(start_step),
         prefetch=int(prefetch),
         rows=rows,
+        workers=int(workers),
     )
 
 
@@ -247,6 +274,7 @@ def train_batches(
     start_step: int = 0,
     prefetch: int = 2,
     rows: slice | None = None,
+    workers: int = 0,
 ) -> EpochBatches:
     """The shuffled, augmented training batches of epoch `epoch` (same seed+epoch -> same batches).
 
@@ -263,6 +291,7 @@ def train_batches(
         start_step: first batch of the epoch to produce (resume inside an epoch).
         prefetch: batches prepared ahead by a background thread.
         rows: this process's rows of every global batch (see `iterate_batches`).
+        workers: parallel reading with a grain pipeline (see `iterate_batches`).
     """
     augmentation = None
     if augment:
@@ -284,6 +313,7 @@ def train_batches(
         start_step=start_step,
         prefetch=prefetch,
         rows=rows,
+        workers=workers,
     )
 
 
@@ -295,10 +325,11 @@ def eval_batches(
     pad_remainder: bool = False,
     prefetch: int = 2,
     rows: slice | None = None,
+    workers: int = 0,
 ) -> EpochBatches:
     """Every example of `split` (default: the evaluation split) exactly once, in index order,
     without augmentation; the last batch is smaller unless `pad_remainder`; `rows` reads one
-    process's rows of every batch (see `iterate_batches`)."""
+    process's rows of every batch and `workers` reads in parallel (see `iterate_batches`)."""
     source = dataset.test if split is None else dataset[split]
     return iterate_batches(
         source,
@@ -308,6 +339,7 @@ def eval_batches(
         pad_remainder=pad_remainder,
         prefetch=prefetch,
         rows=rows,
+        workers=workers,
     )
 
 
