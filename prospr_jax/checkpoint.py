@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from prospr_jax._src.tree import PyTree
 
@@ -132,10 +133,13 @@ class Checkpointer:
         return items, dict(restored[META])
 
     def delete_all(self) -> None:
-        """Remove the directory and every step in it."""
+        """Remove the directory and every step in it (with several processes: process 0 removes it and
+        every process waits for that)."""
         self.close()
-        if os.path.isdir(self.directory):
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
             shutil.rmtree(self.directory)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"prospr_jax.checkpoint: deleted {self.directory}")
 
     def close(self) -> None:
         if self._manager is not None:

@@ -26,7 +26,8 @@ DEFAULT_SEED = 0
 DEFAULT_EVAL_EVERY = 1
 DEFAULT_EVAL_BATCH_SIZE = 500
 # Flags about how a run is carried out, not what it computes: never stored, never compared.
-RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imports")
+RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imports", "num_devices",
+             "coordinator_address", "num_processes", "process_id", "distributed", "initialization_timeout")
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
@@ -134,6 +135,15 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    add("--num-devices", type=_positive_int, metavar="N", help="use the first N devices (default: every device of every process)")
+    add("--coordinator-address", metavar="HOST:PORT",
+        help="many hosts: address of process 0's coordinator, passed to jax.distributed.initialize")
+    add("--num-processes", type=_positive_int, metavar="N", help="many hosts: number of processes")
+    add("--process-id", type=_non_negative_int, metavar="I", help="many hosts: this process's index in [0, N)")
+    add("--distributed", action="store_true", default=None,
+        help="many hosts where JAX detects coordinator, process count and id itself (TPU pods, SLURM, MPI)")
+    add("--initialization-timeout", type=_positive_int, metavar="S",
+        help="many hosts: seconds to wait for every process to join (jax's default: 300)")
     add("--import", dest="imports", action="append", metavar="MODULE",
         help="import this Python module first (repeatable): a module that registers methods of your own "
              "with prospr_jax.methods.register makes them available to --methods (pass it again on --resume)")

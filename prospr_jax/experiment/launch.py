@@ -28,7 +28,8 @@ from prospr_jax.experiment.config import (
 )
 from prospr_jax.experiment.presets import DEFAULT_PRESET
 from prospr_jax.experiment.results import RESULTS_FILE, finished_cell_ids, read_records
-from prospr_jax.experiment.rundir import RUN_FILE, RunLock, check_writable, read_run, stored_config, write_run
+from prospr_jax.experiment.distributed import barrier, is_main
+from prospr_jax.experiment.rundir import RUN_FILE, NoLock, RunLock, check_writable, read_run, stored_config, write_run
 
 
 @dataclasses.dataclass
@@ -43,7 +44,8 @@ class Launch:
       resume: continue cells from their checkpoints and skip the finished ones.
       keep_checkpoints: keep each finished cell's last checkpoint.
       progress: show progress bars.
-      lock: the lock on ``out``, held until released.
+      lock: the lock on ``out``, held until released (process 0; the others hold a ``NoLock``).
+      num_devices: ``--num-devices`` (``None``: every device).
     """
 
     config: RunConfig
@@ -53,7 +55,8 @@ class Launch:
     resume: bool
     keep_checkpoints: bool
     progress: bool
-    lock: RunLock
+    lock: Any
+    num_devices: Optional[int] = None
 
     @property
     def results_path(self) -> str:
@@ -113,12 +116,16 @@ def _cell_dir_name(path: str) -> str:
     return os.path.basename(path).rsplit("-", 1)[0]
 
 
-def _check_leftovers(out: str, config: RunConfig, cells: list[Cell], records: list[dict], *, restart: bool) -> None:
-    """A run that does not resume refuses an ``--out`` holding what it would discard (unless ``restart``)."""
+def _check_leftovers(out: str, config: RunConfig, cells: list[Cell], records: list[dict], *, restart: bool,
+                     delete: bool = True) -> None:
+    """A run that does not resume refuses an ``--out`` holding what it would discard (unless ``restart``,
+    which discards the checkpoints: only where ``delete``, i.e. in process 0)."""
     finished = finished_cell_ids(records)
     interrupted = {cid: path for cid, path in checkpoint_dirs(out).items() if cid not in finished}
     mine_done = [c for c in cells if c.cell_id(config.config_id) in finished_cell_ids(records, config.config_id)]
     if restart:
+        if not delete:
+            return
         for path in interrupted.values():
             shutil.rmtree(path)
         for cell in cells:
@@ -162,16 +169,20 @@ def launch(args: argparse.Namespace, command: list[str]) -> Launch:
     results_path = os.path.join(out, RESULTS_FILE)
     if os.path.exists(results_path) and not os.path.isfile(results_path):
         raise UsageError(f"`--out` {out!r}: {RESULTS_FILE} exists and is not a file")
-    lock = RunLock(out).acquire()
+    main = is_main()
+    lock = RunLock(out).acquire() if main else NoLock()  # process 0 holds the lock for every process
     try:
         records = read_records(results_path)
         if args.resume:
             config = _resumed_config(out, given, records)
             check_before_loading(config)
         cells = cells_of(config)
+        barrier("prospr_jax.experiment: --out read")  # every process has read --out before process 0 changes it
         if not args.resume:
-            _check_leftovers(out, config, cells, records, restart=args.restart)
-        write_run(out, config, command)
+            _check_leftovers(out, config, cells, records, restart=args.restart, delete=main)
+        if main:
+            write_run(out, config, command)
+        barrier("prospr_jax.experiment: --out ready")
     except BaseException:
         lock.release()
         raise
@@ -182,8 +193,9 @@ def launch(args: argparse.Namespace, command: list[str]) -> Launch:
         done=finished_cell_ids(records, config.config_id),
         resume=bool(args.resume),
         keep_checkpoints=bool(args.keep_checkpoints),
-        progress=not args.no_progress,
+        progress=not args.no_progress and main,
         lock=lock,
+        num_devices=args.num_devices,
     )
 
 

@@ -21,10 +21,12 @@ from typing import Iterator, Optional, Sequence
 
 from absl import logging as absl_logging
 
-from prospr_jax import data
+from prospr_jax import data, describe_mesh
+from prospr_jax.experiment import distributed
 from prospr_jax.experiment.cells import checkpoint_path
 from prospr_jax.experiment.checks import check_loaded
 from prospr_jax.experiment.config import UsageError, build_parser, import_modules
+from prospr_jax.experiment.distributed import is_main
 from prospr_jax.experiment.launch import Launch, launch, resume_command
 from prospr_jax.experiment.results import latest_records, read_records, summary_line, write_report
 from prospr_jax.experiment.runner import Experiment, Progress, run_cell
@@ -82,13 +84,13 @@ def load_experiment(run: Launch) -> Experiment:
     check_loaded(config, dataset)
     _quiet_logs()
     try:
-        experiment = Experiment(config, dataset, run.out, progress=run.progress)
+        experiment = Experiment(config, dataset, run.out, progress=run.progress, num_devices=run.num_devices)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(
         f"prune_train: {config.model} on {dataset.name} ({len(dataset.train):,} train / {len(dataset.test):,} test, "
         f"{dataset.num_classes} classes), {config.recipe.epochs} epochs of {experiment.steps_per_epoch} steps, "
-        f"{len(run.cells)} cells -> {run.out}",
+        f"{len(run.cells)} cells -> {run.out}\n{describe_mesh(experiment.mesh)}",
         flush=True,
     )
     return experiment
@@ -101,7 +103,7 @@ def run_cells(experiment: Experiment, run: Launch) -> tuple[list[str], list[str]
         if run.resume and cell.cell_id(run.config.config_id) in run.done:
             print(f"[{cell.name}] already in results.jsonl: skipped")
             leftover = checkpoint_path(run.out, cell, run.config.config_id)
-            if not run.keep_checkpoints and os.path.isdir(leftover):  # Killed after the record was written.
+            if not run.keep_checkpoints and os.path.isdir(leftover) and is_main():  # Killed after the record was written.
                 shutil.rmtree(leftover)
             continue
         try:
@@ -119,10 +121,11 @@ def run_cells(experiment: Experiment, run: Launch) -> tuple[list[str], list[str]
 def report(run: Launch, experiment: Experiment, failed: list[str], diverged: list[str]) -> int:
     """Write and print the table of the configuration's cells; returns the exit status."""
     config = run.config
-    title = f"{config.model} on {experiment.dataset.name}, {config.recipe.epochs} epochs, seed {config.seed}"
-    records = latest_records(read_records(run.results_path), run.config.config_id)
-    text, md_path, png_path = write_report(run.out, records, title)
-    print(f"\n{text}\nresults: {run.results_path}\ntable:   {md_path}\nplot:    {png_path}")
+    if is_main():
+        title = f"{config.model} on {experiment.dataset.name}, {config.recipe.epochs} epochs, seed {config.seed}"
+        records = latest_records(read_records(run.results_path), run.config.config_id)
+        text, md_path, png_path = write_report(run.out, records, title)
+        print(f"\n{text}\nresults: {run.results_path}\ntable:   {md_path}\nplot:    {png_path}")
     if failed:
         print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILED
@@ -156,10 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser(_program())
     args = parser.parse_args(argv)
     try:
+        distributed.initialize(args)
         run = launch(args, argv)
     except UsageError as e:
         parser.error(str(e))
-    with run.lock, _sigterm_as_interrupt():
+    with run.lock, _sigterm_as_interrupt(), distributed.quiet_unless_main():
         experiment = None
         try:
             experiment = load_experiment(run)

@@ -101,6 +101,23 @@ class RunLock:
         self.release()
 
 
+class NoLock:
+    """The lock of a process that is not process 0 of a multi-process run: it holds nothing (process
+    0 holds the run's lock for all of them)."""
+
+    def acquire(self) -> "NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "NoLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 def _read_pid(path: str) -> Optional[int]:
     with contextlib.suppress(OSError, ValueError):
         with open(path, encoding="ascii") as f:

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from prospr_jax import PruningProblem, data, dense_masks, models, sparsity_report
+from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
 from prospr_jax.experiment import pruning
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
+from prospr_jax.experiment.distributed import is_main
 from prospr_jax.experiment.results import RESULTS_FILE, append_record, jsonable
 from prospr_jax.experiment.training import batch_at_step, make_train_fn
 from prospr_jax.methods import PruneResult
@@ -73,8 +74,19 @@ class Experiment:
       ValueError: the training split has fewer examples than one batch.
     """
 
-    def __init__(self, config: RunConfig, dataset: data.Dataset, out: str, *, progress: bool):
+    def __init__(self, config: RunConfig, dataset: data.Dataset, out: str, *, progress: bool,
+                 num_devices: Optional[int] = None):
         self.config, self.dataset, self.out, self.progress = config, dataset, out, progress
+        self.mesh = data_mesh(num_devices)
+        for flag, batch_size in (("--batch-size", config.recipe.batch_size), ("--prune-batch-size", config.prune_batch_size)):
+            try:
+                process_rows(batch_size, self.mesh)
+            except ValueError as e:
+                raise ValueError(f"`{flag}` {batch_size}: {e}") from None
+        # Evaluation sums over examples, so its batch size does not change a result: it is rounded
+        # down to a multiple of the device count (at least one example per device).
+        devices = self.mesh.devices.size
+        self.eval_batch_size = max(devices, config.eval_batch_size // devices * devices)
         self.config_id = config.config_id
         self.num_classes = dataset.num_classes
         self.input_shape = tuple(dataset.image_shape)
@@ -89,7 +101,7 @@ class Experiment:
                     f"the training split has {len(dataset.train)} examples, fewer than one batch of "
                     f"`{flag}` {batch_size}"
                 )
-        self.trainer = Trainer(self.model, config.recipe, self.steps_per_epoch)
+        self.trainer = Trainer(self.model, config.recipe, self.steps_per_epoch, mesh=self.mesh)
         self.train_fn = make_train_fn(self.trainer, dataset, batch_stats=self.batch_stats0, seed=config.seed)
         self.now = Progress()
         self._prune_batches: dict[int, Any] = {}
@@ -102,7 +114,8 @@ class Experiment:
                 self.dataset, i, batch_size=self.config.prune_batch_size, seed=self.config.seed,
                 augment=self.config.prune_augment,
             )
-            self._prune_batches[i] = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+            rows = process_rows(self.config.prune_batch_size, self.mesh)  # this process's share
+            self._prune_batches[i] = shard_batch({"image": batch["image"][rows], "label": batch["label"][rows]}, self.mesh)
         return self._prune_batches[i]
 
     def problem(self) -> PruningProblem:
@@ -112,6 +125,7 @@ class Experiment:
             variables = {"params": self.params0}
             if self.batch_stats0:
                 variables["batch_stats"] = self.batch_stats0
+            variables = replicate(variables, self.mesh)
             self._problem = PruningProblem.from_flax(
                 self.model,
                 variables,
@@ -140,7 +154,8 @@ class Experiment:
 
     def evaluate(self, state: TrainState) -> dict:
         """Test metrics of ``state`` on the evaluation split."""
-        batches = data.eval_batches(self.dataset, batch_size=self.config.eval_batch_size, pad_remainder=True)
+        rows = None if jax.process_count() == 1 else process_rows(self.eval_batch_size, self.mesh)
+        batches = data.eval_batches(self.dataset, batch_size=self.eval_batch_size, pad_remainder=True, rows=rows)
         return self.trainer.evaluate(state, batches)
 
 
@@ -337,6 +352,8 @@ def cell_record(exp: Experiment, cell: Cell, start: CellStart, history: list, se
         "config": cfg.as_dict(),
         "config_id": exp.config_id,
         "cell_id": cell.cell_id(exp.config_id),
+        "num_devices": int(exp.mesh.devices.size),
+        "num_processes": jax.process_count(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -366,7 +383,8 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
             print(f"WARNING [{cell.name}] empty layers: {', '.join(report.empty_layers)}")
         history, seconds, diverged = train_cell(exp, cell, start, ckpt)
         record = cell_record(exp, cell, start, history, seconds, diverged)
-        append_record(os.path.join(exp.out, RESULTS_FILE), record)
+        if is_main():
+            append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:
             ckpt.delete_all()
     finally:
