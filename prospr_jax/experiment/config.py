@@ -27,7 +27,7 @@ DEFAULT_EVAL_EVERY = 1
 DEFAULT_EVAL_BATCH_SIZE = 500
 # Flags about how a run is carried out, not what it computes: never stored, never compared.
 RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imports", "num_devices",
-             "coordinator_address", "num_processes", "process_id", "distributed", "initialization_timeout")
+             "coordinator_address", "num_processes", "process_id", "distributed", "initialization_timeout", "data_workers")
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
@@ -144,6 +144,8 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
         help="many hosts where JAX detects coordinator, process count and id itself (TPU pods, SLURM, MPI)")
     add("--initialization-timeout", type=_positive_int, metavar="S",
         help="many hosts: seconds to wait for every process to join (jax's default: 300)")
+    add("--data-workers", type=_non_negative_int, metavar="K",
+        help="read training batches with a grain pipeline of K threads (default 0: one prefetch thread); same batches")
     add("--import", dest="imports", action="append", metavar="MODULE",
         help="import this Python module first (repeatable): a module that registers methods of your own "
              "with prospr_jax.methods.register makes them available to --methods (pass it again on --resume)")

@@ -46,6 +46,7 @@ class Launch:
       progress: show progress bars.
       lock: the lock on ``out``, held until released (process 0; the others hold a ``NoLock``).
       num_devices: ``--num-devices`` (``None``: every device).
+      data_workers: ``--data-workers`` (0: one prefetch thread).
     """
 
     config: RunConfig
@@ -57,6 +58,7 @@ class Launch:
     progress: bool
     lock: Any
     num_devices: Optional[int] = None
+    data_workers: int = 0
 
     @property
     def results_path(self) -> str:
@@ -196,6 +198,7 @@ def launch(args: argparse.Namespace, command: list[str]) -> Launch:
         progress=not args.no_progress and main,
         lock=lock,
         num_devices=args.num_devices,
+        data_workers=args.data_workers or 0,
     )
 
 

@@ -84,7 +84,8 @@ def load_experiment(run: Launch) -> Experiment:
     check_loaded(config, dataset)
     _quiet_logs()
     try:
-        experiment = Experiment(config, dataset, run.out, progress=run.progress, num_devices=run.num_devices)
+        experiment = Experiment(config, dataset, run.out, progress=run.progress, num_devices=run.num_devices,
+                                data_workers=run.data_workers)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(

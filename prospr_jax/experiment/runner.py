@@ -69,14 +69,18 @@ class Experiment:
       dataset: the loaded data set (its train split already the subset).
       out: the run directory.
       progress: show progress bars.
+      num_devices: the first N devices of the data mesh (``None``: every device of every process).
+      data_workers: 0, or the threads of a grain pipeline reading the training batches.
 
     Raises:
-      ValueError: the training split has fewer examples than one batch.
+      ValueError: the training split has fewer examples than one batch, or a batch that does not
+        split over the devices.
     """
 
     def __init__(self, config: RunConfig, dataset: data.Dataset, out: str, *, progress: bool,
-                 num_devices: Optional[int] = None):
+                 num_devices: Optional[int] = None, data_workers: int = 0):
         self.config, self.dataset, self.out, self.progress = config, dataset, out, progress
+        self.data_workers = data_workers
         self.mesh = data_mesh(num_devices)
         for flag, batch_size in (("--batch-size", config.recipe.batch_size), ("--prune-batch-size", config.prune_batch_size)):
             try:
@@ -288,6 +292,7 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
             batches = data.train_batches(
                 exp.dataset, batch_size=cfg.recipe.batch_size, epoch=epoch, seed=cfg.seed,
                 augment=cfg.recipe.augment, start_step=first - epoch * spe, rows=exp.trainer.rows,
+                workers=exp.data_workers,
             )
             try:
                 state, train_metrics = exp.trainer.train_epoch(state, batches, on_step=on_step)
