@@ -4,6 +4,8 @@ Prints one row per data set and batch size:
 
 * pipeline, no aug / aug: images/s of `train_batches` alone (background prefetch thread on),
   without and with random crop + flip;
+* grain aug (K): the augmented pipeline read by a grain pipeline of K threads (`workers=K`,
+  the runner's `--data-workers K`), the same batches;
 * train step: images/s of a jitted forward + backward + SGD update of ResNet-20 (from
   `prospr_jax.models`; a small flax CNN if the model zoo is not importable) on a fixed batch
   (measured once per input shape);
@@ -15,7 +17,7 @@ Data sets: 'digits' (always available) and the shared CIFAR-10 archive
 is built on first use, under --cache-dir or the default cache dir), read through the tfds
 data source and, on a second row, after `in_memory=True`.
 
-Usage: python -m experiments.bench_input_pipeline [--batch-size 128] [--steps 8]
+Usage: python -m experiments.bench_input_pipeline [--batch-size 128] [--steps 8] [--workers 4]
 """
 
 from __future__ import annotations
@@ -82,16 +84,16 @@ def _make_sgd_step(loss_fn: Callable, lr: float = 0.1) -> Callable:
     return step
 
 
-def _epochs(dataset, batch_size: int, augment: bool = True):
+def _epochs(dataset, batch_size: int, augment: bool = True, workers: int = 0):
     """Training batches of epochs 0, 1, 2, ... (small sets hold few batches per epoch)."""
     for epoch in itertools.count():
         yield from pdata.train_batches(dataset, batch_size=batch_size, epoch=epoch,
-                                       augment=augment)
+                                       augment=augment, workers=workers)
 
 
-def _pipeline_rate(dataset, batch_size: int, steps: int, augment: bool) -> float:
+def _pipeline_rate(dataset, batch_size: int, steps: int, augment: bool, workers: int = 0) -> float:
     """Images/s of `steps` training batches (after one warm-up batch)."""
-    batches = _epochs(dataset, batch_size, augment)
+    batches = _epochs(dataset, batch_size, augment, workers)
     next(batches)
     start = time.perf_counter()
     count = 0
@@ -149,6 +151,7 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--pipeline-batches", type=int, default=40,
                         help="timed pipeline batches per measurement")
     parser.add_argument("--cache-dir", default=None, help="cache of the CIFAR-10 archive")
+    parser.add_argument("--workers", type=int, default=4, help="threads of the grain pipeline column")
     args = parser.parse_args(argv)
 
     sources = [("digits", lambda: pdata.load("digits"))]
@@ -162,7 +165,8 @@ def main(argv: Any = None) -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
           f"batch size {args.batch_size}")
-    header = (f"{'data set':<16}{'shape':>12}{'pipeline no aug':>17}{'pipeline aug':>14}"
+    grain_column = f"grain aug ({args.workers})"
+    header = (f"{'data set':<16}{'shape':>12}{'pipeline no aug':>17}{'pipeline aug':>14}{grain_column:>16}"
               f"{'model':>10}{'train step':>12}{'step fed':>10}")
     rows = []
     for label, make in sources:
@@ -171,9 +175,11 @@ def main(argv: Any = None) -> None:
         load_s = time.perf_counter() - start
         no_aug = _pipeline_rate(dataset, args.batch_size, args.pipeline_batches, augment=False)
         aug = _pipeline_rate(dataset, args.batch_size, args.pipeline_batches, augment=True)
+        grained = _pipeline_rate(dataset, args.batch_size, args.pipeline_batches, augment=True,
+                                 workers=args.workers)
         model, alone, fed = _step_rates(dataset, args.batch_size, args.steps)
         shape = "x".join(str(d) for d in dataset.image_shape)
-        rows.append(f"{label:<16}{shape:>12}{no_aug:>17,.0f}{aug:>14,.0f}"
+        rows.append(f"{label:<16}{shape:>12}{no_aug:>17,.0f}{aug:>14,.0f}{grained:>16,.0f}"
                     f"{model:>10}{alone:>12,.0f}{fed:>10,.0f}")
         print(f"loaded {label.strip()} in {load_s:.1f} s", flush=True)
     print("images/s:")
