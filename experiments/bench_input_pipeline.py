@@ -2,20 +2,20 @@
 
 Prints one row per data set and batch size:
 
-* pipeline, no aug / aug: images/s of `train_batches` alone (background prefetch thread on),
+* pipeline, no aug / aug: images/s of ``train_batches`` alone (background prefetch thread on),
   without and with random crop + flip;
-* grain aug (K): the augmented pipeline read by a grain pipeline of K threads (`workers=K`,
-  the runner's `--data-workers K`), the same batches;
+* grain aug (K): the augmented pipeline read by a grain pipeline of K threads (``workers=K``,
+  the runner's ``--data-workers K``), the same batches;
 * train step: images/s of a jitted forward + backward + SGD update of ResNet-20 (from
-  `prospr_jax.models`; a small flax CNN if the model zoo is not importable) on a fixed batch
+  ``prospr_jax.models``; a small flax CNN if the model zoo is not importable) on a fixed batch
   (measured once per input shape);
 * step fed: images/s of that step consuming the augmented pipeline's batches, i.e. what a
   training loop gets. When "step fed" is close to "train step", the pipeline keeps up.
 
 Data sets: 'digits' (always available) and the shared CIFAR-10 archive
-`../shared/data/cifar10-jpeg.tar.gz` relative to the repo root, when present (its tfds cache
+``../shared/data/cifar10-jpeg.tar.gz`` relative to the repo root, when present (its tfds cache
 is built on first use, under --cache-dir or the default cache dir), read through the tfds
-data source and, on a second row, after `in_memory=True`.
+data source and, on a second row, after ``in_memory=True``.
 
 Usage: python -m experiments.bench_input_pipeline [--batch-size 128] [--steps 8] [--workers 4]
 """
@@ -92,7 +92,7 @@ def _epochs(dataset, batch_size: int, augment: bool = True, workers: int = 0):
 
 
 def _pipeline_rate(dataset, batch_size: int, steps: int, augment: bool, workers: int = 0) -> float:
-    """Images/s of `steps` training batches (after one warm-up batch)."""
+    """Images/s of ``steps`` training batches (after one warm-up batch)."""
     batches = _epochs(dataset, batch_size, augment, workers)
     next(batches)
     start = time.perf_counter()

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_int
 
 META = "meta"
 
@@ -52,8 +53,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"`keep` must be an integer >= 1, got {keep!r}")
+        keep = check_int(keep, "keep", low=1)
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"checkpoint `directory` {self.directory!r} exists and is not a directory")
@@ -85,8 +85,7 @@ class Checkpointer:
 
         Blocks until the step is complete on disk. An existing ``step`` is replaced.
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"`step` must be an integer >= 0, got {step!r}")
+        step = check_int(step, "step", low=0)
         if META in items:
             raise ValueError(f"item name {META!r} is reserved for the metadata")
         ocp = _orbax()

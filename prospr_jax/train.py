@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 from prospr_jax import apply_masks, check_masks, cross_entropy, masked_optimizer, masks_of
 from prospr_jax._src.sharding import batch_sharding, process_rows, replicate, replicated, shard_batch
 from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_int
 
 Batch = Mapping[str, Any]
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -93,9 +94,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"Recipe `{name}` must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, check_int(getattr(self, name), f"Recipe.{name}", low=1))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"Recipe `lr` must be a finite number > 0, got {self.lr!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -312,8 +311,7 @@ class Trainer:
         """
         check_masks(masks, params)
         rng = raw_key(rng)
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+        start_step = check_int(start_step, "start_step", low=0)
         masks = jax.tree_util.tree_map(jnp.asarray, masks)
         params = apply_masks(params, masks)
         opt_state = masked_optimizer(self.optimizer, masks).init(params)
@@ -426,9 +424,7 @@ def raw_key(key: Any) -> jax.Array:
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    return int(value)
+    return check_int(value, name, low=1)
 
 
 __all__ = [

@@ -1,20 +1,20 @@
-"""Image classification data for prospr-jax: one `load` for every source, numpy batches.
+"""Image classification data for prospr-jax: one ``load`` for every source, numpy batches.
 
-Sources (`load(name_or_path)`):
+Sources (``load(name_or_path)``):
 
 * 'digits': scikit-learn's handwritten digits, shipped with scikit-learn (works offline):
   1,437 train / 360 test grey 8x8 images (values 0..16), 10 classes.
 * a tensorflow-datasets catalog name ('cifar10', 'cifar100', 'mnist', 'fashion_mnist',
   'svhn_cropped', 'imagenet2012', ...), read with random access from array_record shards
-  prepared in `data_dir` (no TensorFlow needed to read; nothing downloaded unless
-  `download=True`). tiny-imagenet is not in the tfds catalog: lay it out as a folder.
-* a path to a folder or `.tar`/`.tar.gz` archive laid out as split/class/image, turned on
-  first use into a cached tfds data set (see `prospr_jax.data.image_folder`).
+  prepared in ``data_dir`` (no TensorFlow needed to read; nothing downloaded unless
+  ``download=True``). tiny-imagenet is not in the tfds catalog: lay it out as a folder.
+* a path to a folder or ``.tar``/``.tar.gz`` archive laid out as split/class/image, turned on
+  first use into a cached tfds data set (see ``prospr_jax.data.image_folder``).
 
-`metadata(name_or_path)` tells the train size, the classes and the image shape without reading
+``metadata(name_or_path)`` tells the train size, the classes and the image shape without reading
 examples (digits, prepared catalog sets).
 
-Batches (`train_batches`, `eval_batches`) are dicts {'image': float32 [B, H, W, C]
+Batches (``train_batches``, ``eval_batches``) are dicts {'image': float32 [B, H, W, C]
 normalised per channel, 'label': int32 [B]}, produced by a background thread, in an order
 fixed by (seed, epoch).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from prospr_jax._src.validate import check_int
 from prospr_jax.data.augment import draw_crop_flip, normalize, pad_crop_flip
 from prospr_jax.data.catalog import (
     CATALOG_CHANNEL_STATS,
@@ -109,7 +110,7 @@ def _unknown_name_error(name: str) -> ValueError:
 
 @dataclasses.dataclass(frozen=True)
 class Metadata:
-    """What a data set holds, known before its examples are read (see `metadata`).
+    """What a data set holds, known before its examples are read (see ``metadata``).
 
     Attributes:
         num_train: examples in the train split (before any subset).
@@ -128,14 +129,14 @@ def metadata(
     data_dir: str | os.PathLike | None = None,
     image_size: int | None = None,
 ) -> Metadata | None:
-    """The `Metadata` of what `load(name_or_path, ...)` would load, without reading examples.
+    """The ``Metadata`` of what ``load(name_or_path, ...)`` would load, without reading examples.
 
     Known for 'digits' (constants) and for prepared tfds catalog sets (their tfds metadata); None
     for folders and archives, whose classes and sizes are known once converted.
 
     Raises:
-        DatasetNotPreparedError: a catalog set is not prepared in `data_dir`.
-        ValueError: an unknown name (as `load` raises it), a catalog set without a 'train' split
+        DatasetNotPreparedError: a catalog set is not prepared in ``data_dir``.
+        ValueError: an unknown name (as ``load`` raises it), a catalog set without a 'train' split
             or not an image classification set.
     """
     name = os.fspath(name_or_path)
@@ -163,31 +164,30 @@ def load(
 
     Args:
         name_or_path: 'digits', a tfds catalog name (e.g. 'cifar10', 'cifar10:3.0.2'), or a
-            path to a split/class/image folder or `.tar`/`.tar.gz`/`.tgz` archive. Names come
+            path to a split/class/image folder or ``.tar``/``.tar.gz``/``.tgz`` archive. Names come
             first: write a folder called like a data set as './cifar10'.
-        data_dir: tfds data dir for catalog sets (default `TFDS_DATA_DIR` or tfds' default).
+        data_dir: tfds data dir for catalog sets (default ``TFDS_DATA_DIR`` or tfds' default).
         cache_dir: where folders/archives are cached as tfds data sets (default
-            `default_cache_dir()`).
+            ``default_cache_dir()``).
         subset: if given, the train split is replaced by a stratified subset of this many
-            examples drawn with `seed` (see `stratified_indices`); statistics stay those of
+            examples drawn with ``seed`` (see ``stratified_indices``); statistics stay those of
             the full train split.
         seed: seed of the subset, a non-negative int.
         download: let tfds download a missing catalog set (needs internet). Off by default.
         image_size: for catalog sets, resize and centre-crop images to this square size
             (needed for sets of variable image size such as imagenet2012).
-        in_memory: read every split into memory once (see `to_memory`): faster batches for
+        in_memory: read every split into memory once (see ``to_memory``): faster batches for
             sets that fit in RAM, at the cost of reading the whole set now.
 
     Raises:
         ValueError: unknown name (the message lists the choices) or bad arguments.
-        DatasetNotPreparedError: a catalog set is not prepared and `download` is False.
+        DatasetNotPreparedError: a catalog set is not prepared and ``download`` is False.
     """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError(f"name_or_path must be a non-empty str or path, got {name_or_path!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = check_int(seed, "seed", low=0)
     catalog = name_or_path != DIGITS_NAME and is_catalog_name(name_or_path)
     if image_size is not None and not catalog:
         raise ValueError(f"image_size applies to tfds catalog sets only, not {name_or_path!r}")

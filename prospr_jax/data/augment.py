@@ -1,8 +1,8 @@
 """Training augmentation (random crop with zero padding, horizontal flip) and normalisation.
 
-Vectorised numpy on whole batches. The crop follows torchvision's `RandomCrop(size, padding)`
+Vectorised numpy on whole batches. The crop follows torchvision's ``RandomCrop(size, padding)``
 as used in the ProsPr code for CIFAR: the uint8 image is padded with zeros (black, before
-normalisation) by `padding` pixels on each side and a window of the original size is cut at
+normalisation) by ``padding`` pixels on each side and a window of the original size is cut at
 a uniformly drawn offset; the flip mirrors the width axis with probability 1/2.
 """
 
@@ -56,8 +56,8 @@ def draw_crop_flip(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws crop offsets int64 [B, 2] uniform in [0, 2 * padding] and flips bool [B].
 
-    Flips are Bernoulli(1/2) when `flip`, else all False. The offsets are drawn first, then
-    the flips, from `rng`.
+    Flips are Bernoulli(1/2) when ``flip``, else all False. The offsets are drawn first, then
+    the flips, from ``rng``.
     """
     offsets = rng.integers(0, 2 * padding + 1, size=(batch_size, 2))
     flips = rng.random(batch_size) < 0.5 if flip else np.zeros(batch_size, bool)

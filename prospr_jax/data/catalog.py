@@ -1,13 +1,13 @@
 """Image classification sets of the tensorflow-datasets catalog, read with random access.
 
-A catalog set is read through `builder.as_data_source()` (array_record shards, no TensorFlow
-needed), from `data_dir` (default: `TFDS_DATA_DIR` or tfds' default `~/tensorflow_datasets`).
-Nothing is downloaded unless the caller passes `download=True`: a set that is not prepared
-raises `DatasetNotPreparedError` telling how to prepare it on a machine with internet access.
+A catalog set is read through ``builder.as_data_source()`` (array_record shards, no TensorFlow
+needed), from ``data_dir`` (default: ``TFDS_DATA_DIR`` or tfds' default ``~/tensorflow_datasets``).
+Nothing is downloaded unless the caller passes ``download=True``: a set that is not prepared
+raises ``DatasetNotPreparedError`` telling how to prepare it on a machine with internet access.
 
 Normalisation statistics: the usual published per-channel constants for the sets in
-`CATALOG_CHANNEL_STATS`; for any other catalog set they are estimated on a seeded sample of
-at most `STATS_SAMPLE_SIZE` train images.
+``CATALOG_CHANNEL_STATS``; for any other catalog set they are estimated on a seeded sample of
+at most ``STATS_SAMPLE_SIZE`` train images.
 """
 
 from __future__ import annotations
@@ -95,19 +95,19 @@ def _not_prepared_message(name: str, builder, data_dir: str) -> str:
 def catalog_metadata(
     name: str, *, data_dir: str | os.PathLike | None = None, image_size: int | None = None
 ) -> tuple[int, int, tuple[int, int, int] | None]:
-    """What the prepared catalog set `name` holds, from its tfds metadata only (no example read).
+    """What the prepared catalog set ``name`` holds, from its tfds metadata only (no example read).
 
     Args:
         name: a catalog name, optionally with ':version' or '/config'.
-        data_dir: tfds data dir; default `TFDS_DATA_DIR` or tfds' default.
-        image_size: the square size images will be resized to (`load_catalog`'s argument).
+        data_dir: tfds data dir; default ``TFDS_DATA_DIR`` or tfds' default.
+        image_size: the square size images will be resized to (``load_catalog``'s argument).
 
     Returns:
-        `(train examples, classes, image shape)`; the shape is None when the images have a
-        variable size and no `image_size` is given.
+        ``(train examples, classes, image shape)``; the shape is None when the images have a
+        variable size and no ``image_size`` is given.
 
     Raises:
-        DatasetNotPreparedError: the set is not prepared in `data_dir`.
+        DatasetNotPreparedError: the set is not prepared in ``data_dir``.
         ValueError: the set has no 'train' split or is not an image classification set.
     """
     resolved_dir = _resolved_data_dir(data_dir)
@@ -137,18 +137,18 @@ def load_catalog(
     download: bool = False,
     image_size: int | None = None,
 ) -> Dataset:
-    """Opens the prepared tfds catalog set `name` ('cifar10', 'mnist', 'imagenet2012', ...).
+    """Opens the prepared tfds catalog set ``name`` ('cifar10', 'mnist', 'imagenet2012', ...).
 
     Args:
         name: a catalog name, optionally with ':version' or '/config'.
-        data_dir: tfds data dir; default `TFDS_DATA_DIR` or tfds' default.
+        data_dir: tfds data dir; default ``TFDS_DATA_DIR`` or tfds' default.
         download: allow tfds to download and prepare the set if it is missing (needs internet
             access and, for most sets, TensorFlow). Off by default.
         image_size: resize every image (shorter side, bilinear) and centre-crop to
             image_size x image_size; required for sets of variable image size (imagenet2012).
 
     Raises:
-        DatasetNotPreparedError: the set is not prepared and `download` is False.
+        DatasetNotPreparedError: the set is not prepared and ``download`` is False.
         ValueError: the set is prepared in a format without random access (tfrecord), or is
             not an image classification set with 'image' and 'label' features.
     """

@@ -1,4 +1,4 @@
-"""The `Dataset` record, per-channel statistics and stratified subsets."""
+"""The ``Dataset`` record, per-channel statistics and stratified subsets."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from prospr_jax._src.validate import check_int
 from prospr_jax.data.sources import ArraySource, ImageSource, ImageShape, SubsetSource
 
 # Split names accepted as the evaluation split when there is no 'test' split, in order.
@@ -23,8 +24,8 @@ class Dataset:
 
     Attributes:
         name: the data set's name ('digits', a catalog name, or the archive/folder name).
-        splits: split name -> `ImageSource`; always has 'train'.
-        class_names: name of each class; label k is `class_names[k]`.
+        splits: split name -> ``ImageSource``; always has 'train'.
+        class_names: name of each class; label k is ``class_names[k]``.
         mean: float32 [C], per-channel mean of the train split, in raw pixel units (0..255 for
             uint8 images, 0..16 for digits). For the catalog sets it is a known constant.
         std: float32 [C], per-channel standard deviation (over all train pixels), same units.
@@ -33,7 +34,7 @@ class Dataset:
         horizontal_flip_safe: False for data sets whose classes change under a mirror (digits,
             MNIST, SVHN); the training iterator then does not flip unless asked to.
 
-    Normalised images are `(image - mean) / std` (see `prospr_jax.data.normalize`).
+    Normalised images are ``(image - mean) / std`` (see ``prospr_jax.data.normalize``).
     """
 
     name: str
@@ -79,7 +80,7 @@ class Dataset:
 
     @property
     def test(self) -> ImageSource:
-        """The evaluation split (`eval_split`)."""
+        """The evaluation split (``eval_split``)."""
         if self.eval_split is None:
             raise ValueError(
                 f"data set {self.name!r} has no evaluation split (splits: {sorted(self.splits)})"
@@ -126,7 +127,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def source_channel_stats(
     source: ImageSource, max_examples: int | None = None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`channel_stats` of a source, of all its examples or of a seeded sample of `max_examples`."""
+    """``channel_stats`` of a source, of all its examples or of a seeded sample of ``max_examples``."""
     n = len(source)
     if max_examples is not None and max_examples < n:
         indices = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
@@ -140,12 +141,12 @@ def source_channel_stats(
 
 
 def stratified_indices(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
-    """Chooses `num` of the examples with the given labels, keeping the class proportions.
+    """Chooses ``num`` of the examples with the given labels, keeping the class proportions.
 
     Class c with n_c of the N examples gets floor(num * n_c / N) examples, plus one for the
-    classes with the largest remainders (ties: lower class first) until `num` are chosen;
+    classes with the largest remainders (ties: lower class first) until ``num`` are chosen;
     within a class the examples are the first of a permutation drawn with
-    `np.random.default_rng(seed)` (classes visited in increasing order).
+    ``np.random.default_rng(seed)`` (classes visited in increasing order).
 
     Args:
         labels: integer [N].
@@ -153,17 +154,12 @@ def stratified_indices(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
         seed: non-negative int.
 
     Returns:
-        int64 [num], sorted indices into `labels`.
+        int64 [num], sorted indices into ``labels``.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    if (
-        isinstance(num, bool)
-        or not isinstance(num, (int, np.integer))
-        or not 0 < num <= len(labels)
-    ):
-        raise ValueError(f"num must be an int in [1, {len(labels)}], got {num!r}")
+    num = check_int(num, "num", low=1, high=len(labels))
     classes, counts = np.unique(labels, return_counts=True)
     exact = num * counts / len(labels)
     quotas = np.floor(exact).astype(np.int64)
@@ -179,21 +175,18 @@ def stratified_indices(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
 
 
 def train_subset(dataset: Dataset, num: int, seed: int = 0) -> Dataset:
-    """The data set with its train split replaced by a stratified subset of `num` examples.
+    """The data set with its train split replaced by a stratified subset of ``num`` examples.
 
     The normalisation statistics stay those of the full train split; the other splits are
-    unchanged. See `stratified_indices` for how the subset is drawn.
+    unchanged. See ``stratified_indices`` for how the subset is drawn.
 
     Raises:
-        ValueError: `num` is not in [1, train size], or the subset would leave a class of the
-            train split without examples (always so when `num` is smaller than the number of
-            classes; with very unbalanced classes also for a larger `num`).
+        ValueError: ``num`` is not in [1, train size], or the subset would leave a class of the
+            train split without examples (always so when ``num`` is smaller than the number of
+            classes; with very unbalanced classes also for a larger ``num``).
     """
     train = dataset.splits["train"]
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 0 < num <= len(train):
-        raise ValueError(
-            f"subset must be an int in [1, {len(train)}] (the train split's size), got {num!r}"
-        )
+    num = check_int(num, "subset", low=1, high=len(train))
     present = np.unique(train.labels)
     if num < len(present):
         raise ValueError(
@@ -214,7 +207,7 @@ def train_subset(dataset: Dataset, num: int, seed: int = 0) -> Dataset:
 
 
 def source_to_memory(source: ImageSource) -> ArraySource:
-    """Reads every example of `source` (in index order) into an `ArraySource`."""
+    """Reads every example of ``source`` (in index order) into an ``ArraySource``."""
     if isinstance(source, ArraySource):
         return source
     n = len(source)
@@ -237,7 +230,7 @@ def to_memory(dataset: Dataset) -> Dataset:
 
     Worth it when the batches are needed faster than a tfds data source delivers them
     (about 10-20k images/s for 32x32 images on 2 CPU cores); costs the decoded size in RAM
-    (about 180 MB for CIFAR-10). Splits larger than `MAX_IN_MEMORY_BYTES` raise ValueError.
+    (about 180 MB for CIFAR-10). Splits larger than ``MAX_IN_MEMORY_BYTES`` raise ValueError.
     """
     splits = {name: source_to_memory(source) for name, source in dataset.splits.items()}
     return dataclasses.replace(dataset, splits=splits)

@@ -1,6 +1,6 @@
 """scikit-learn's handwritten digits: a real, tiny data set that works offline.
 
-`sklearn.datasets.load_digits` ships with scikit-learn: 1,797 grey 8x8 images of the digits
+``sklearn.datasets.load_digits`` ships with scikit-learn: 1,797 grey 8x8 images of the digits
 0-9 (UCI optical recognition of handwritten digits), pixel values 0..16. They are split once,
 deterministically and stratified by class, into 1,437 train and 360 test images.
 """
@@ -24,7 +24,7 @@ _SPLIT_SEED = 0
 def load_digits_dataset() -> Dataset:
     """The digits data set: uint8 images [N, 8, 8, 1] with values 0..16, 10 classes.
 
-    The test split is `stratified_indices(labels, 360, seed=0)` (35 to 37 images per digit)
+    The test split is ``stratified_indices(labels, 360, seed=0)`` (35 to 37 images per digit)
     and the train split is the other 1,437 images, both in their original order. Mean and
     std are those of the train split, in pixel units (0..16).
     """

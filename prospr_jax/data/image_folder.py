@@ -1,9 +1,9 @@
 """Image folders and archives laid out as split/class/image, cached as tfds data sets.
 
-Layout: `train/airplane/0001.jpg`, `test/cat/0042.png`, ... in a folder or a `.tar`,
-`.tar.gz`/`.tgz` archive (one common top folder, e.g. `cifar10/train/...`, is allowed).
+Layout: ``train/airplane/0001.jpg``, ``test/cat/0042.png``, ... in a folder or a ``.tar``,
+``.tar.gz``/``.tgz`` archive (one common top folder, e.g. ``cifar10/train/...``, is allowed).
 Files at the top level (README, LICENSE) are ignored, as are hidden files and folders
-(names starting with '.') and `__MACOSX`. Every other file must be an image two folders
+(names starting with '.') and ``__MACOSX``. Every other file must be an image two folders
 deep: split/class/file.
 
 On first use the images are decoded with Pillow to uint8 [H, W, C] (greyscale -> C = 1,
@@ -11,7 +11,7 @@ anything else -> RGB, C = 3; an alpha channel is dropped) and written as a tfds 
 (array_record shards + tfds metadata) under the cache dir, in a folder keyed by the source's
 name, size and modification time (archive) or by every file's path, size and modification
 time (folder): a changed source gets a new cache entry. Later loads read that entry through
-`tfds.builder_from_directory(...).as_data_source()`; nothing is decoded again.
+``tfds.builder_from_directory(...).as_data_source()``; nothing is decoded again.
 
 Example i of a split is the i-th image when sorted by class index, then by file name.
 
@@ -53,7 +53,7 @@ _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def default_cache_dir() -> str:
-    """`$PROSPR_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/prospr_jax/datasets`, else `~/.cache/...`."""
+    """``$PROSPR_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/prospr_jax/datasets``, else ``~/.cache/...``."""
     if os.environ.get(CACHE_ENV_VAR):
         return os.environ[CACHE_ENV_VAR]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -172,7 +172,7 @@ def _strip_common_top_folder(files: dict, folders: set) -> tuple[dict, set, tupl
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decodes image bytes with Pillow to uint8 [H, W, C] (C = 1 for greyscale, else 3).
 
-    Raises ValueError naming `name` if the bytes are not an 8-bit image Pillow can read.
+    Raises ValueError naming ``name`` if the bytes are not an 8-bit image Pillow can read.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -260,7 +260,7 @@ def _decode_source(path: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def _build_cache_entry(path: str, entry_dir: str, cache_dir: str) -> None:
-    """Decodes the source and writes it as a tfds data set in `entry_dir` (atomically)."""
+    """Decodes the source and writes it as a tfds data set in ``entry_dir`` (atomically)."""
     decoded, class_names = _decode_source(path)
     mean, std = channel_stats(decoded["train"][0])
     if np.any(std == 0):
@@ -329,11 +329,11 @@ def load_image_folder(
     """Opens a split/class/image folder or archive, building its tfds cache on first use.
 
     Args:
-        path: a folder, or a `.tar`, `.tar.gz` or `.tgz` archive.
-        cache_dir: where cache entries live; default `default_cache_dir()`.
+        path: a folder, or a ``.tar``, ``.tar.gz`` or ``.tgz`` archive.
+        cache_dir: where cache entries live; default ``default_cache_dir()``.
 
     Returns:
-        A `Dataset` whose splits are the split folders; mean/std are those of 'train'.
+        A ``Dataset`` whose splits are the split folders; mean/std are those of 'train'.
     """
     path = os.fspath(path)
     if not os.path.exists(path):

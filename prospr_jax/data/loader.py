@@ -3,15 +3,15 @@
 Every batch is a dict {'image': float32 [B, H, W, C] normalised per channel,
 'label': int32 [B]} (plus 'mask' float32 [B] when the last batch is padded).
 
-Determinism, for exact resume after a crash: the order of epoch `e` is the permutation
-`np.random.default_rng([seed, e, 0]).permutation(N)`, and the augmentation draws of step `s`
-of that epoch come from `np.random.default_rng([seed, e, 1, s])`. So the batches of an epoch
-depend only on (seed, epoch), and `start_step` skips batches without reading them. A batch is
-a pure function of its step, so its rows can be split between processes (`rows`: each process
+Determinism, for exact resume after a crash: the order of epoch ``e`` is the permutation
+``np.random.default_rng([seed, e, 0]).permutation(N)``, and the augmentation draws of step ``s``
+of that epoch come from ``np.random.default_rng([seed, e, 1, s])``. So the batches of an epoch
+depend only on (seed, epoch), and ``start_step`` skips batches without reading them. A batch is
+a pure function of its step, so its rows can be split between processes (``rows``: each process
 reads only its share of every global batch) and batches can be built in parallel.
 
-Parallel reading: by default one background thread builds the next `prefetch` batches. With
-`workers=K > 0` a grain pipeline (`grain.MapDataset` over the steps, read by K threads) builds
+Parallel reading: by default one background thread builds the next ``prefetch`` batches. With
+``workers=K > 0`` a grain pipeline (``grain.MapDataset`` over the steps, read by K threads) builds
 them instead, in the same order and with the same contents; it pays off when decoding
 dominates (JPEG-backed catalog sets, large images), see experiments/bench_input_pipeline.py.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from prospr_jax._src.validate import check_int
 from prospr_jax.data.augment import draw_crop_flip, normalize, pad_crop_flip
 from prospr_jax.data.dataset import Dataset
 from prospr_jax.data.sources import ImageSource
@@ -34,17 +35,15 @@ Batch = dict[str, np.ndarray]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(value, name, low=minimum)
 
 
 def steps_per_epoch(
     num_examples: int | ImageSource | Dataset, batch_size: int, drop_remainder: bool = True
 ) -> int:
-    """Batches in one epoch: floor(N / B) with `drop_remainder`, else ceil(N / B).
+    """Batches in one epoch: floor(N / B) with ``drop_remainder``, else ceil(N / B).
 
-    `num_examples` is N, or a split (N = its length), or a Dataset (N = its train split's).
+    ``num_examples`` is N, or a split (N = its length), or a Dataset (N = its train split's).
     """
     if isinstance(num_examples, Dataset):
         num_examples = len(num_examples.train)
@@ -58,14 +57,14 @@ def steps_per_epoch(
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of epoch `epoch`: a permutation int64 [N] fixed by (seed, epoch)."""
+    """The example order of epoch ``epoch``: a permutation int64 [N] fixed by (seed, epoch)."""
     num_examples = _check_int("num_examples", num_examples, 0)
     seed, epoch = _check_int("seed", seed, 0), _check_int("epoch", epoch, 0)
     return np.random.default_rng([seed, epoch, 0]).permutation(num_examples)
 
 
 def augmentation_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
-    """The generator of the augmentation draws of batch `step` of epoch `epoch`."""
+    """The generator of the augmentation draws of batch ``step`` of epoch ``epoch``."""
     return np.random.default_rng([seed, epoch, 1, step])
 
 
@@ -76,8 +75,8 @@ def default_crop_padding(image_shape: tuple[int, int, int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """Training augmentation: random crop with `crop_padding` zero pixels each side (0 = no
-    crop) and a horizontal flip with probability 1/2 (`flip`)."""
+    """Training augmentation: random crop with ``crop_padding`` zero pixels each side (0 = no
+    crop) and a horizontal flip with probability 1/2 (``flip``)."""
 
     crop_padding: int = 4
     flip: bool = True
@@ -106,9 +105,9 @@ class Augmentation:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EpochBatches(Iterable[Batch]):
-    """The batches of one pass over a source; iterate it (repeatably) or take its `len`.
+    """The batches of one pass over a source; iterate it (repeatably) or take its ``len``.
 
-    Built by `train_batches`, `eval_batches` or `iterate_batches`; see the latter for fields.
+    Built by ``train_batches``, ``eval_batches`` or ``iterate_batches``; see the latter for fields.
     """
 
     source: ImageSource
@@ -131,11 +130,11 @@ class EpochBatches(Iterable[Batch]):
 
     @property
     def num_steps(self) -> int:
-        """Batches in the whole epoch (including those skipped by `start_step`)."""
+        """Batches in the whole epoch (including those skipped by ``start_step``)."""
         return steps_per_epoch(len(self.source), self.batch_size, self.drop_remainder)
 
     def batch_indices(self, step: int) -> np.ndarray:
-        """Indices into the source of batch `step` (int64 [B]; the last may be shorter)."""
+        """Indices into the source of batch ``step`` (int64 [B]; the last may be shorter)."""
         order = self._order()
         return order[step * self.batch_size:(step + 1) * self.batch_size]
 
@@ -210,25 +209,25 @@ def iterate_batches(
     rows: slice | None = None,
     workers: int = 0,
 ) -> EpochBatches:
-    """Batches of one pass over `source`.
+    """Batches of one pass over ``source``.
 
     Args:
         source: the split to read.
         batch_size: examples per batch, >= 1.
         mean, std: float [C] normalisation constants (pixel units).
-        shuffle: visit the examples in `epoch_permutation(N, seed, epoch)` order, else in
+        shuffle: visit the examples in ``epoch_permutation(N, seed, epoch)`` order, else in
             index order.
         seed, epoch: non-negative ints fixing the order and the augmentation draws.
-        drop_remainder: leave out the last batch if it is smaller than `batch_size`.
-        pad_remainder: pad a smaller last batch to `batch_size` with zero images and label 0,
+        drop_remainder: leave out the last batch if it is smaller than ``batch_size``.
+        pad_remainder: pad a smaller last batch to ``batch_size`` with zero images and label 0,
             and add 'mask' (float32 [B], 1 = real example) to every batch.
         augmentation: applied to the uint8 images before normalisation, or None.
         start_step: first batch to produce (resume inside an epoch).
         prefetch: batches prepared ahead by a background thread; 0 = no thread.
         rows: read only these rows of every batch (one process's share of a global batch, see
-            `prospr_jax.process_rows`); the order and the augmentation draws are those of the whole
+            ``prospr_jax.process_rows``); the order and the augmentation draws are those of the whole
             batch. Default: every row.
-        workers: 0 = one background thread (`prefetch` batches ahead); K > 0 = a grain pipeline
+        workers: 0 = one background thread (``prefetch`` batches ahead); K > 0 = a grain pipeline
             reading with K threads (same batches, see the module docstring).
     """
     _check_int("batch_size", batch_size, 1)
@@ -276,7 +275,7 @@ def train_batches(
     rows: slice | None = None,
     workers: int = 0,
 ) -> EpochBatches:
-    """The shuffled, augmented training batches of epoch `epoch` (same seed+epoch -> same batches).
+    """The shuffled, augmented training batches of epoch ``epoch`` (same seed+epoch -> same batches).
 
     Args:
         dataset: the data set; its 'train' split is read.
@@ -284,14 +283,14 @@ def train_batches(
         epoch: epoch number (>= 0); each epoch has its own order and augmentation draws.
         seed: non-negative int.
         augment: apply the training augmentation at all.
-        crop_padding: zero padding of the random crop; default `default_crop_padding`
+        crop_padding: zero padding of the random crop; default ``default_crop_padding``
             (4 for 32x32 images); 0 = no crop.
-        flip: random horizontal flip; default `dataset.horizontal_flip_safe`.
+        flip: random horizontal flip; default ``dataset.horizontal_flip_safe``.
         drop_remainder: leave out the last smaller batch (default True).
         start_step: first batch of the epoch to produce (resume inside an epoch).
         prefetch: batches prepared ahead by a background thread.
-        rows: this process's rows of every global batch (see `iterate_batches`).
-        workers: parallel reading with a grain pipeline (see `iterate_batches`).
+        rows: this process's rows of every global batch (see ``iterate_batches``).
+        workers: parallel reading with a grain pipeline (see ``iterate_batches``).
     """
     augmentation = None
     if augment:
@@ -327,9 +326,9 @@ def eval_batches(
     rows: slice | None = None,
     workers: int = 0,
 ) -> EpochBatches:
-    """Every example of `split` (default: the evaluation split) exactly once, in index order,
-    without augmentation; the last batch is smaller unless `pad_remainder`; `rows` reads one
-    process's rows of every batch and `workers` reads in parallel (see `iterate_batches`)."""
+    """Every example of ``split`` (default: the evaluation split) exactly once, in index order,
+    without augmentation; the last batch is smaller unless ``pad_remainder``; ``rows`` reads one
+    process's rows of every batch and ``workers`` reads in parallel (see ``iterate_batches``)."""
     source = dataset.test if split is None else dataset[split]
     return iterate_batches(
         source,
@@ -352,10 +351,10 @@ _END = object()
 
 
 def prefetch(iterator: Iterator[Any], buffer_size: int) -> Iterator[Any]:
-    """Runs `iterator` in a background thread, keeping up to `buffer_size` items ready.
+    """Runs ``iterator`` in a background thread, keeping up to ``buffer_size`` items ready.
 
-    Items come out in order; an exception raised by `iterator` is raised by the consumer.
-    Closing the returned generator (or dropping it) stops the thread. `buffer_size` 0 returns
+    Items come out in order; an exception raised by ``iterator`` is raised by the consumer.
+    Closing the returned generator (or dropping it) stops the thread. ``buffer_size`` 0 returns
     the items without a thread.
     """
     buffer_size = _check_int("buffer_size", buffer_size, 0)

@@ -1,13 +1,13 @@
 """Random access to the examples of one split.
 
-An `ImageSource` is what the batch iterators read from: its length, the
-shape of its images, its labels, and `get_batch(indices)` returning uint8
+An ``ImageSource`` is what the batch iterators read from: its length, the
+shape of its images, its labels, and ``get_batch(indices)`` returning uint8
 images [B, H, W, C] and int32 labels [B]. Three implementations:
 
-* `ArraySource`: images and labels held in memory (small sets such as digits).
-* `TfdsSource`: a `tfds.data_source` (array_record, random access, no
+* ``ArraySource``: images and labels held in memory (small sets such as digits).
+* ``TfdsSource``: a ``tfds.data_source`` (array_record, random access, no
     TensorFlow needed), optionally resizing images of variable size.
-* `SubsetSource`: a fixed selection of indices of another source.
+* ``SubsetSource``: a fixed selection of indices of another source.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _SCAN_CHUNK = 4096
 
 
 def _as_index_array(indices: Any, length: int) -> np.ndarray:
-    """Validates `indices` (ints in [0, length)) and returns them as int64 [B]."""
+    """Validates ``indices`` (ints in [0, length)) and returns them as int64 [B]."""
     indices = np.asarray(indices)
     if indices.ndim != 1:
         raise ValueError(f"indices must be one-dimensional, got shape {indices.shape}")
@@ -48,7 +48,7 @@ class ImageSource(abc.ABC):
     @property
     @abc.abstractmethod
     def image_shape(self) -> ImageShape:
-        """Shape (H, W, C) of every image returned by `get_batch`."""
+        """Shape (H, W, C) of every image returned by ``get_batch``."""
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -66,7 +66,7 @@ class ImageSource(abc.ABC):
         return self._read(indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Example `index` (negative counts from the end) as {'image', 'label'}."""
+        """Example ``index`` (negative counts from the end) as {'image', 'label'}."""
         if not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         n = len(self)
@@ -130,7 +130,7 @@ class ArraySource(ImageSource):
 
 
 def resize_shorter_side_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes uint8 [H, W, C] so the shorter side is `size` (bilinear), then crops the centre.
+    """Resizes uint8 [H, W, C] so the shorter side is ``size`` (bilinear), then crops the centre.
 
     Returns uint8 [size, size, C].
     """
@@ -145,17 +145,17 @@ def resize_shorter_side_and_center_crop(image: np.ndarray, size: int) -> np.ndar
 
 
 class TfdsSource(ImageSource):
-    """A split read through a `tfds` random-access data source.
+    """A split read through a ``tfds`` random-access data source.
 
     Args:
-        data_source: the split's data source (`builder.as_data_source()[split]`),
-            whose examples hold an uint8 image [H, W, C] under `image_key` and an
-            integer label under `label_key`.
+        data_source: the split's data source (``builder.as_data_source()[split]``),
+            whose examples hold an uint8 image [H, W, C] under ``image_key`` and an
+            integer label under ``label_key``.
         image_shape: shape of the images as stored, None for a variable dimension.
         label_source: optional data source of the same split that does not decode
-            the images (cheap label scans); defaults to `data_source`.
+            the images (cheap label scans); defaults to ``data_source``.
         image_size: if given, every image is resized (shorter side to
-            `image_size`, bilinear) and centre-cropped to image_size x image_size.
+            ``image_size``, bilinear) and centre-cropped to image_size x image_size.
             Required when the stored shape has a variable height or width.
     """
 
@@ -220,7 +220,7 @@ class TfdsSource(ImageSource):
 
 
 class SubsetSource(ImageSource):
-    """The examples `indices` (int [M], each in [0, len(base))) of `base`, in that order."""
+    """The examples ``indices`` (int [M], each in [0, len(base))) of ``base``, in that order."""
 
     def __init__(self, base: ImageSource, indices: Sequence[int] | np.ndarray):
         self.base = base

@@ -1,11 +1,11 @@
 """Writing examples as a tensorflow-datasets data set (array_record shards), without TensorFlow.
 
-`tfds.dataset_builders.store_as_tfds_dataset` cannot be used without TensorFlow (it checks
-every split for `tf.data.Dataset`), but the generator builder underneath it can: the tfds
-feature encoders for `Tensor` and `ClassLabel`, tfds' own `tf.train.Example` protos, its
+``tfds.dataset_builders.store_as_tfds_dataset`` cannot be used without TensorFlow (it checks
+every split for ``tf.data.Dataset``), but the generator builder underneath it can: the tfds
+feature encoders for ``Tensor`` and ``ClassLabel``, tfds' own ``tf.train.Example`` protos, its
 shuffler/writer and the array_record writer are all TensorFlow-free. So a data set is written
-by a small `GeneratorBasedBuilder` that yields the given examples, and is read back with
-`tfds.builder_from_directory(...).as_data_source()` like any prepared tfds data set.
+by a small ``GeneratorBasedBuilder`` that yields the given examples, and is read back with
+``tfds.builder_from_directory(...).as_data_source()`` like any prepared tfds data set.
 """
 
 from __future__ import annotations
@@ -86,21 +86,21 @@ def write_tfds_dataset(
     metadata: Mapping[str, Any] | None = None,
     description: str = "",
 ) -> str:
-    """Writes examples as the tfds data set `name` (`version`) in array_record format.
+    """Writes examples as the tfds data set ``name`` (``version``) in array_record format.
 
     Args:
         data_dir: tfds data dir to write into (created if needed).
         name: the data set's name, snake_case.
         version: 'major.minor.patch'.
         features: the tfds features of one example (no feature that needs TensorFlow to
-            encode, e.g. `Tensor`, `ClassLabel`, `Image` given encoded bytes).
+            encode, e.g. ``Tensor``, ``ClassLabel``, ``Image`` given encoded bytes).
         split_examples: split name -> function returning that split's examples in order.
-        metadata: JSON-serialisable values stored with the data set (`info.metadata`).
+        metadata: JSON-serialisable values stored with the data set (``info.metadata``).
         description: free text stored in the data set's info.
 
     Returns:
-        The data set's directory `data_dir/name/version`, readable with
-        `tfds.builder_from_directory`.
+        The data set's directory ``data_dir/name/version``, readable with
+        ``tfds.builder_from_directory``.
     """
     if not split_examples:
         raise ValueError("split_examples must name at least one split")

@@ -14,6 +14,7 @@ import numpy as np
 from prospr_jax import data
 from prospr_jax.train import Trainer, raw_key
 from prospr_jax._src.tree import PyTree
+from prospr_jax._src.validate import check_int
 
 Batch = Mapping[str, Any]
 
@@ -89,11 +90,8 @@ def make_train_fn(
         )
 
     def train_fn(params: PyTree, masks: PyTree, *, steps: Optional[int] = None, key: Any = None, start_step: int = 0):
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
-        steps = max(trainer.total_steps - int(start_step), 0) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ValueError(f"`steps` must be an integer >= 0 or None, got {steps!r}")
+        start_step = check_int(start_step, "start_step", low=0)
+        steps = max(trainer.total_steps - start_step, 0) if steps is None else check_int(steps, "steps", low=0)
         if key is None:
             data_seed, rng = int(seed), jax.random.PRNGKey(int(seed))
         else:

@@ -32,7 +32,7 @@ import numpy as np
 
 from prospr_jax._src.losses import cross_entropy, flax_apply_fn
 from prospr_jax._src.tree import is_traced
-from prospr_jax._src.validate import check_bool, check_int
+from prospr_jax._src.validate import check_bool, check_int, check_shape
 
 from . import lenet, resnet, resnet_cifar, vgg
 from .lenet import LeNet5, LeNet300100
@@ -105,15 +105,11 @@ def init(model: nn.Module, rng: Any, input_shape: Sequence[int]) -> tuple[Params
       ``(params, batch_stats)``: plain dicts; ``batch_stats`` is ``{}`` for models without
       BatchNorm. Running means start at 0 and variances at 1.
     """
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if (
-        shape is None
-        or len(shape) < 2
-        or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape)
-    ):
+    shape = check_shape(input_shape, "input_shape", what="including the batch axis, e.g. (1, 32, 32, 3)")
+    if len(shape) < 2:
         raise ValueError(
-            "input_shape must be a tuple of positive ints including the batch axis, e.g. "
-            f"(1, 32, 32, 3); got {input_shape!r}."
+            "`input_shape` must be a tuple of positive ints including the batch axis, e.g. "
+            f"(1, 32, 32, 3); got {input_shape!r}"
         )
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         rng = jax.random.PRNGKey(int(rng))
