@@ -31,34 +31,51 @@ def _conv_specs(jaxpr) -> list:
      ((1, 1), (1, 1), 2, "SAME")],
 )
 def test_gradients_in_a_scan_are_unchanged_and_canonical(strides, rhs_dilation, groups, padding):
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (3, 9, 8, 4))
-    w1 = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 4 // groups, 6))
-    w2 = jax.random.normal(jax.random.fold_in(key, 2), (2, 2, 6, 5))
+    # The claim is that the rewrite computes the same function (only the memory layout changes), so
+    # it is checked in float64 on a well-conditioned problem: unit-variance inputs, kernels scaled by
+    # 1/sqrt(fan_in) and a mean (not a sum) of squares keep every compared value O(0.1-1) through the
+    # Hessian-vector product and both scan steps. In float32 the two programs legitimately differ by
+    # a few ulps of each value's scale (their convolutions sum in different orders, which also varies
+    # with the CPU and its thread count), so float32 could not tell a wrong rewrite from rounding.
+    with jax.enable_x64(True):
+        key = jax.random.key(0)
+        x = jax.random.normal(key, (3, 9, 8, 4), jnp.float64)
+        w1 = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 4 // groups, 6), jnp.float64)
+        w1 = w1 / np.sqrt(3 * 3 * 4 // groups)  # fan-in scaling: O(1) pre-activations
+        w2 = jax.random.normal(jax.random.fold_in(key, 2), (2, 2, 6, 5), jnp.float64) / np.sqrt(2 * 2 * 6)
 
-    def loss(params, x):
-        h = lax.conv_general_dilated(x, params[0], strides, padding, rhs_dilation=rhs_dilation,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-        h = jnp.tanh(h)
-        # A channels-first conv as well, to exercise arbitrary dimension numbers in the forward pass.
-        h = lax.conv_general_dilated(jnp.transpose(h, (0, 3, 1, 2)), jnp.transpose(params[1], (3, 2, 0, 1)),
-                                     (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        return jnp.sum(h**2)
+        def loss(params, x):
+            h = lax.conv_general_dilated(x, params[0], strides, padding, rhs_dilation=rhs_dilation,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+            h = jnp.tanh(h)
+            # A channels-first conv as well, to exercise arbitrary dimension numbers in the forward pass.
+            h = lax.conv_general_dilated(jnp.transpose(h, (0, 3, 1, 2)), jnp.transpose(params[1], (3, 2, 0, 1)),
+                                         (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            return jnp.mean(h**2)
 
-    def fn(params, xs):
-        def body(p, x):
-            g = jax.grad(loss)(p, x)
-            hvp = jax.jvp(lambda q: jax.grad(loss)(q, x), (p,), (g,))[1]
-            return jax.tree_util.tree_map(lambda a, b: a - 1e-3 * b, p, hvp), g
-        return lax.scan(body, params, xs)
+        def fn(params, xs):
+            def body(p, x):
+                g = jax.grad(loss)(p, x)
+                hvp = jax.jvp(lambda q: jax.grad(loss)(q, x), (p,), (g,))[1]
+                # lr 0.1 moves the kernels by about 1%: the second step runs at different weights.
+                return jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, p, hvp), g
+            return lax.scan(body, params, xs)
 
-    xs = jnp.stack([x, 0.5 * x])
-    expected = jax.jit(fn)((w1, w2), xs)
-    got = jax.jit(canonicalize_convs(fn))((w1, w2), xs)
-    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
-    before = _conv_specs(jax.make_jaxpr(fn)((w1, w2), xs).jaxpr)
-    after = _conv_specs(jax.make_jaxpr(canonicalize_convs(fn))((w1, w2), xs).jaxpr)
+        xs = jnp.stack([x, 0.5 * x])
+        expected = jax.jit(fn)((w1, w2), xs)
+        got = jax.jit(canonicalize_convs(fn))((w1, w2), xs)
+        for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.dtype == np.float64 and b.dtype == np.float64
+            # Rounding: each value is a chain of at most a few thousand float64 multiply-adds of terms
+            # no larger than the leaf's scale, so the two summation orders agree to well below
+            # 1e-12 x scale (u = 1.1e-16). A wrong layout (a transposed or flipped kernel, swapped
+            # spatial axes) changes values at the scale itself.
+            scale = np.max(np.abs(a))
+            assert scale > 1e-2
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * scale)
+        before = _conv_specs(jax.make_jaxpr(fn)((w1, w2), xs).jaxpr)
+        after = _conv_specs(jax.make_jaxpr(canonicalize_convs(fn))((w1, w2), xs).jaxpr)
     assert any(not _is_canonical(dn) for dn in before)  # autodiff made non-canonical convolutions
     assert after and all(_is_canonical(dn) for dn in after)
 

@@ -484,13 +484,17 @@ def test_excluded_layers_stay_dense_but_remain_neighbours():
 
 
 def test_lap_scores_are_jittable():
-    ks = _kernels(14, [(3, 5), (5, 4), (4, 5), (5, 2)])
-    problem = _problem(_params(ks), _residual_mlp, (3,))
-    graph, scales = problem_layer_graph(problem)
-    eager = lap_scores(problem.params, graph, bn_scales=scales)
-    jitted = jax.jit(lambda p: lap_scores(p, graph, bn_scales=scales))(problem.params)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # Eager and jitted are two programs: float64 makes "the same values" a sharp claim (in float32
+    # each score, a product of two sums of squares, may round by ~10 ulps differently in each).
+    with jax.enable_x64(True):
+        ks = _kernels(14, [(3, 5), (5, 4), (4, 5), (5, 2)], np.float64)
+        problem = _problem(_params(ks), _residual_mlp, (3,))
+        graph, scales = problem_layer_graph(problem)
+        eager = lap_scores(problem.params, graph, bn_scales=scales)
+        jitted = jax.jit(lambda p: lap_scores(p, graph, bn_scales=scales))(problem.params)
+        for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+            assert np.asarray(b).dtype == np.float64
+            np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

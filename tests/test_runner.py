@@ -25,6 +25,7 @@ from prospr_jax import apply_masks, data, experiment, models
 from prospr_jax.checkpoint import Checkpointer
 from prospr_jax.experiment.checks import check_model_input
 from prospr_jax.experiment.rundir import RunLock
+from tiny_models import topk_accuracy_bounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "lenet300_100", "--subset", "300", "--batch-size", "50", "--no-progress"]
@@ -105,7 +106,11 @@ def test_end_to_end_writes_records_table_and_png_and_keeps_old_results(reference
                   zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks)) if np.ndim(m)]
         assert all(np.all(v == 0.0) for v in pruned), "a pruned weight moved during training"
         logits = np.asarray(model.apply({"params": params}, jnp.asarray(images), train=False))
-        assert r["test_top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-6)
+        # The runner evaluated in batches (another program): an image whose top two logits are
+        # within float32 rounding (< 1e-5 of the logits' scale) may be counted either way.
+        lowest, highest, ambiguous = topk_accuracy_bounds(logits, labels, 1, 1e-5 * np.abs(logits).max())
+        assert ambiguous <= 3
+        assert lowest - 1e-6 <= r["test_top1"] <= highest + 1e-6, (r["test_top1"], lowest, highest)
 
     table = (out / "results.md").read_text()
     for name in ("dense", "snip", "random", "50%", "90%"):

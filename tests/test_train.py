@@ -20,6 +20,7 @@ from prospr_jax.train import (
     make_schedule,
     milestone_steps,
 )
+from tiny_models import topk_accuracy_bounds
 
 TRACES = {"count": 0}
 
@@ -209,10 +210,15 @@ def test_top1_top5_against_numpy(digits):
     images = np.concatenate([b["image"] for b in data.eval_batches(digits, batch_size=360)])
     labels = np.asarray(digits.test.labels)
     logits = np.asarray(mlp_logits(pj.apply_masks(params, masks), jnp.asarray(images)), np.float64)
-    rank = np.argsort(-logits, axis=1)
     assert metrics["count"] == 360
-    np.testing.assert_allclose(metrics["top1"], np.mean(rank[:, 0] == labels), atol=1e-6)
-    np.testing.assert_allclose(metrics["top5"], np.mean((rank[:, :5] == labels[:, None]).any(1)), atol=1e-6)
+    # The trainer's logits come from another program (flax, batches of 100): each may differ from
+    # these by rounding of its 64- and 32-term sums, well under 1e-5 of the logits' scale. Examples
+    # whose label is that close to the k-th logit may go either way; all others must agree.
+    tol = 1e-5 * np.abs(logits).max()
+    for k, key in ((1, "top1"), (5, "top5")):
+        lowest, highest, ambiguous = topk_accuracy_bounds(logits, labels, k, tol)
+        assert ambiguous <= 3
+        assert lowest - 1e-6 <= metrics[key] <= highest + 1e-6, (key, metrics[key], lowest, highest)
     logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
     np.testing.assert_allclose(metrics["loss"], -np.mean(logp[np.arange(360), labels]), rtol=1e-4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def mlp_params(key: jax.Array, sizes=(4, 5, 3), dtype=jnp.float64) -> dict:
@@ -78,3 +79,24 @@ def scale_entry(params: dict, layer: str, index: tuple, factor: float) -> dict:
     kernel = new[layer]["kernel"]
     new[layer] = dict(new[layer], kernel=kernel.at[index].multiply(factor))
     return new
+
+
+def topk_accuracy_bounds(logits, labels, k: int, tol: float) -> tuple[float, float, int]:
+    """Top-k accuracy of ``logits`` [N, C] when each logit may be off by up to ``tol``.
+
+    A metric computed by another program (another batch size, another fusion) rounds the logits
+    differently, which can flip an example whose label is within ``2 * tol`` of the k-th largest
+    logit. Returns ``(lowest, highest, ambiguous)``: the accuracy with every such example counted as
+    a miss, as a hit, and how many there are. An exact tie counts as ambiguous (top-k order decides).
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels))
+    true = logits[rows, labels][:, None]
+    others = np.ones(logits.shape, bool)
+    others[rows, labels] = False
+    surely_above = np.sum(others & (logits > true + 2 * tol), axis=1)
+    maybe_above = np.sum(others & (logits >= true - 2 * tol), axis=1)
+    lowest = float(np.mean(maybe_above < k))
+    highest = float(np.mean(surely_above < k))
+    return lowest, highest, int(np.sum((maybe_above >= k) & (surely_above < k)))
