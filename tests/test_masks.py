@@ -256,3 +256,13 @@ def test_scores_on_prunable_keeps_selected_leaves_and_marks_the_others():
     assert pj.masks_from_scores(scores, 0.5)["b"].shape == ()
     with pytest.raises(ValueError, match="`values` must have the same tree structure as `prunable`"):
         pj.scores_on_prunable(values, {"w": True})
+
+
+def test_subnormal_scores_rank_above_zero_and_kept_subnormal_params_are_unchanged():
+    # CPUs that flush denormals would compare 1e-40 == 0: ranking and masking must not use float compares.
+    scores = np.array([0.0, 1e-40, 2e-40, -1e-40, -0.0], np.float32)
+    np.testing.assert_array_equal(pj.masks_from_scores({"w": jnp.asarray(scores)}, 0.6)["w"], [0, 1, 1, 0, 0])
+    params = {"w": jnp.asarray(np.array([1e-40, -1e-40, 3.0], np.float32))}
+    for apply in (pj.apply_masks, jax.jit(pj.apply_masks)):
+        out = np.asarray(apply(params, {"w": jnp.asarray([1.0, 1.0, 0.0])})["w"])
+        assert out.tobytes() == np.array([1e-40, -1e-40, 0.0], np.float32).tobytes()

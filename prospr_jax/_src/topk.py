@@ -44,7 +44,10 @@ def order_keys(values: jax.Array) -> jax.Array:
     if values.dtype != jnp.float64:
         values = values.astype(jnp.float32)
     uint, sint = (jnp.uint64, jnp.int64) if values.dtype == jnp.float64 else (jnp.uint32, jnp.int32)
-    bits = jax.lax.bitcast_convert_type(jnp.where(values == 0, jnp.zeros((), values.dtype), values), sint)
+    bits = jax.lax.bitcast_convert_type(values, sint)
+    # -0.0 (the sign bit alone) becomes +0.0. Compared as integers, not floats: a float comparison
+    # would treat subnormals as zero on CPUs that flush denormals, and tie them with 0.
+    bits = jnp.where(bits == jnp.iinfo(sint).min, jnp.zeros((), sint), bits)
     ubits = jax.lax.bitcast_convert_type(bits, uint)
     sign = jnp.ones((), uint) << (values.dtype.itemsize * 8 - 1)
     return jnp.where(bits < 0, ~ubits, ubits | sign)
