@@ -179,6 +179,8 @@ class Experiment:
         the other sparsities (and the ablation cells) reuse the scores; ``extras['scores_reused']``
         says which cells did. The cell's ablation, if any, is applied to the result.
         """
+        if cell.seed is not None and cell.seed != self.config.seed:
+            raise ValueError(f"cell {cell.name} has seed {cell.seed}; prune it with experiment.for_seed({cell.seed})")
         if cell.method == DENSE:
             masks = dense_masks(self.params0, self.problem().prunable_tree())
             return PruneResult(masks=masks, start_params=self.params0, method=DENSE)
