@@ -162,3 +162,34 @@ def test_bad_trace_and_masks_are_clear_errors():
         effective_sparsity(_mlp_masks(), MLP, "graph")
     with pytest.raises(ValueError, match="masks"):
         effective_sparsity({"w1": np.ones((4, 5))}, MLP, trace)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def _strided(p, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["c1"], (1, 1), "SAME", dimension_numbers=dn) + p["bias"])
+    h = jax.lax.conv_general_dilated(h, p["c2"], (2, 2), "SAME", dimension_numbers=dn)
+    return h.reshape(h.shape[0], -1) @ p["fc"]
+
+
+def test_flops_of_a_masked_tiny_model_against_a_count_by_hand():
+    from prospr_jax._src.cost import masked_cost
+
+    params = {"c1": np.ones((3, 3, 2, 4)), "bias": np.ones(4), "c2": np.ones((3, 3, 4, 3)), "fc": np.ones((27, 5))}
+    trace = _trace(_strided, params, (5, 5, 2))
+    rng = np.random.default_rng(3)
+    masks = {"c1": (rng.uniform(size=(3, 3, 2, 4)) < 0.4).astype(np.float32), "bias": np.float32(1.0),
+             "c2": (rng.uniform(size=(3, 3, 4, 3)) < 0.6).astype(np.float32),
+             "fc": (rng.uniform(size=(27, 5)) < 0.5).astype(np.float32)}
+    k1, k2, k3 = (int(masks[n].sum()) for n in ("c1", "c2", "fc"))
+    # c1: stride 1, SAME on 5x5: 25 output positions. c2: stride 2 -> ceil(5/2) = 3, 9 positions.
+    # fc on the flattened 3*3*3 = 27 features: applied once per example. Bias and ReLU are not counted.
+    cost = masked_cost(masks, params, trace)
+    assert cost.flops == 25 * k1 + 9 * k2 + k3
+    assert cost.dense_flops == 25 * 72 + 9 * 108 + 135
+    assert cost.layer_flops["c2"] == (9 * k2, 9 * 108)
+    assert cost.theoretical_speedup == pytest.approx((25 * 72 + 9 * 108 + 135) / (25 * k1 + 9 * k2 + k3), rel=1e-12)
+    assert (cost.kept_params, cost.total_params) == (k1 + k2 + k3 + 4, 72 + 4 + 108 + 135)
+    assert cost.compression_ratio == pytest.approx(319 / (k1 + k2 + k3 + 4), rel=1e-12)

@@ -264,13 +264,24 @@ def test_a_run_with_seeds_and_ablations_end_to_end(tmp_path, capsys):
     assert [(r["label"], r["seed"]) for r in records] == [(label, seed) for seed in (0, 1, 2) for label in labels]
     assert [r["ablation"] for r in records[:5]] == [None, None, "shuffle", "reinit", "invert"]
     assert len({r["cell_id"] for r in records}) == 15
+    # Cost of LeNet-300-100 by hand: a Dense kernel is applied once per example, so its FLOPs are its
+    # kept weights: 64*300 + 300*100 + 100*10 dense, kept_prunable masked (every kernel is pruned).
+    for r in records:
+        assert r["dense_flops"] == 64 * 300 + 300 * 100 + 100 * 10
+        assert r["flops"] == r["kept_prunable"]
+        assert r["compression_ratio"] == r["total_all"] / r["kept_all"]
+        assert r["theoretical_speedup"] == r["dense_flops"] / r["flops"]
+        assert r["effective_sparsity"] >= r["achieved_sparsity"] - 1e-12 and r["metrics_note"] is None
+    assert records[0]["effective_sparsity"] == 0.0
     table = (out / "results.md").read_text()
     pivot = table.split("## Details")[0]
     rows = {line.split("|")[1].strip(): line for line in pivot.splitlines() if line.startswith("| ")}
     for label in labels:
         values = [100 * r["test_top1"] for r in records if r["label"] == label]
         column = "| " if label == "dense" else "|  | "  # the 0% column (dense) or the 90% one
-        assert rows[label].startswith(f"| {label} {column}{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} |")
+        flagged = 100 * statistics.mean(r["effective_sparsity"] - r["sparsity"] for r in records if r["label"] == label) > 1
+        expected = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" + (" ‡" if flagged else "")
+        assert rows[label].startswith(f"| {label} {column}{expected} |"), rows[label]
     assert "over 3 seeds" in table
     # Resuming with one more seed runs only the new seed's cells.
     code = experiment.main(argv[:-10] + ["--seeds", "0", "1", "2", "3", "--ablations", "shuffle", "reinit",

@@ -117,7 +117,12 @@ def effective_sparsity(masks: PyTree, params: PyTree, trace: LayerTrace) -> floa
     """The fraction of the prunable weights (the leaves whose mask has ``ndim >= 1``) that are pruned or
     lie on no input-to-output path (:func:`effective_masks`). Equals the nominal sparsity when every
     kept weight is connected; ``1.0`` when no path is left."""
-    alive = effective_masks(masks, params, trace)
+    return dead_fraction(masks, effective_masks(masks, params, trace), params)
+
+
+def dead_fraction(masks: PyTree, alive: PyTree, params: PyTree) -> float:
+    """The fraction of the prunable weights (``ndim >= 1`` leaves of ``masks``) that ``alive`` (the
+    result of :func:`effective_masks`) does not keep."""
     kept = total = 0
     for (_, m), (_, a), (_, p) in zip(named_leaves(masks), named_leaves(alive), named_leaves(params)):
         if is_pruned_leaf(m):
@@ -126,4 +131,4 @@ def effective_sparsity(masks: PyTree, params: PyTree, trace: LayerTrace) -> floa
     return 1.0 - kept / total if total else 0.0
 
 
-__all__ = ["effective_masks", "effective_sparsity", "model_trace"]
+__all__ = ["dead_fraction", "effective_masks", "effective_sparsity", "model_trace"]

@@ -109,4 +109,48 @@ def format_group(group: Group, seeds: int) -> str:
     return text + (f" {FLAG}" if group.flagged else "")
 
 
-__all__ = ["EFFECTIVE_FLAG_POINTS", "FLAG", "Group", "format_group", "groups", "max_seeds"]
+def _mean_of(group: Group, field: str) -> Optional[float]:
+    values = [r[field] for r in group.records if r.get(field) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_flops(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def cost_table(records: Sequence[Record], order: Sequence[str]) -> str:
+    """Markdown table, one row per label and sparsity (means over the seeds): nominal and effective
+    sparsity (%), FLOPs per example of the kept and of the effective weights, dense FLOPs, the
+    theoretical speed-up and the compression ratio; ``''`` when no record has these metrics.
+
+    Args:
+      records: the records.
+      order: the labels in the order of the rows.
+    """
+    if not any(r.get("flops") is not None or r.get("effective_sparsity") is not None for r in records):
+        return ""
+    lines = ["| method | sparsity | effective sparsity | FLOPs | effective FLOPs | dense FLOPs | speed-up | compression |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rank = {label: i for i, label in enumerate(order)}
+    for g in sorted(groups(records).values(), key=lambda g: (rank.get(g.label, len(rank)), g.sparsity)):
+        eff = g.effective_sparsity
+        lines.append(
+            f"| {g.label} | {100.0 * g.sparsity:g}% | {_fmt(None if eff is None else 100.0 * eff, '.2f')}"
+            f"{' ' + FLAG if g.flagged else ''} | {_fmt_flops(_mean_of(g, 'flops'))} | "
+            f"{_fmt_flops(_mean_of(g, 'effective_flops'))} | {_fmt_flops(_mean_of(g, 'dense_flops'))} | "
+            f"{_fmt(_mean_of(g, 'theoretical_speedup'), '.2f')}x | {_fmt(_mean_of(g, 'compression_ratio'), '.2f')}x |"
+        )
+    notes = sorted({r["metrics_note"] for r in records if r.get("metrics_note")})
+    return "\n".join(lines + [""] + [f"* {n}" for n in notes] if notes else lines)
+
+
+__all__ = ["EFFECTIVE_FLAG_POINTS", "FLAG", "Group", "cost_table", "format_group", "groups", "max_seeds"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from prospr_jax.experiment.aggregate import FLAG, EFFECTIVE_FLAG_POINTS, format_group, groups, max_seeds
+from prospr_jax.experiment.aggregate import EFFECTIVE_FLAG_POINTS, FLAG, cost_table, format_group, groups, max_seeds
 
 Record = dict[str, Any]
 
@@ -111,13 +111,16 @@ def divergence_notes(records: Sequence[Record]) -> str:
 
 
 def results_markdown(records: Sequence[Record], title: str) -> str:
-    """The whole report: title, accuracy pivot, details table and the diverged cells."""
+    """The whole report: title, accuracy pivot (with its notes), details table, the diverged cells and
+    the effective sparsity and cost table."""
     notes = divergence_notes(records)
     about = accuracy_notes(records)
+    cost = cost_table(records, _labels_in_order(records))
     return (
         f"# {title}\n\n## Final test top-1 accuracy (%)\n\n{accuracy_table(records)}\n\n"
         + (f"{about}\n\n" if about else "")
         + f"## Details\n\n{details_table(records)}\n" + (f"\n{notes}\n" if notes else "")
+        + (f"\n## Effective sparsity and cost (per example; means over seeds)\n\n{cost}\n" if cost else "")
     )
 
 

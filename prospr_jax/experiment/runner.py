@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
-from prospr_jax.experiment import pruning
+from prospr_jax.experiment import metrics, pruning
 from prospr_jax.experiment.ablations import ablate
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
@@ -114,6 +114,17 @@ class Experiment:
         self._problem: Optional[PruningProblem] = None
         self.scores = pruning.ScoreCache()
         self._seeded: dict[int, "Experiment"] = {}
+        self._trace: dict[str, Any] = {}  # shared with the seeded copies: one trace per run
+
+    def layer_trace(self) -> tuple[Any, Optional[str]]:
+        """``(trace, None)``: the model's layer trace (:mod:`prospr_jax.experiment.metrics`), taken
+        once per run; ``(None, reason)`` when the model cannot be traced."""
+        if not self._trace:
+            try:
+                self._trace["trace"] = (metrics.flax_trace(self.model, self.params0, self.batch_stats0, self.input_shape), None)
+            except Exception as e:  # noqa: BLE001 - any tracing failure leaves the metrics None, with the reason
+                self._trace["trace"] = (None, f"{type(e).__name__}: {e}")
+        return self._trace["trace"]
 
     def for_seed(self, seed: Optional[int]) -> "Experiment":
         """The experiment of a cell with seed ``seed`` (``None`` or the configuration's seed: this one).
@@ -398,6 +409,7 @@ def cell_record(exp: Experiment, cell: Cell, start: CellStart, history: list, se
         "num_devices": int(exp.mesh.devices.size),
         "num_processes": jax.process_count(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **metrics.cell_metrics(start.masks, exp.params0, *exp.layer_trace()),
     }
 
 
