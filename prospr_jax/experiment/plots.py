@@ -10,6 +10,7 @@ reads ``diverged`` in the tables and is a cross at the bottom of the plot, never
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
@@ -124,7 +125,13 @@ def results_markdown(records: Sequence[Record], title: str) -> str:
     )
 
 
-def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str = "") -> str:
+def ladder_step(sparsity: float) -> float:
+    """``k`` with ``sparsity = 1 - 0.8**k``: the position of ``sparsity`` on the papers' ladder (each
+    step prunes 20% of the remaining weights; 0.8**10 leaves 10.7%, 0.8**20 leaves 1.2%)."""
+    return math.log(1.0 - sparsity) / math.log(0.8)
+
+
+def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str = "", *, ladder: bool = False) -> str:
     """Save a PNG of final test top-1 (%) vs sparsity, one line per method; dense as a dashed line.
 
     With several seeds per cell a point is the mean and its error bar the sample standard deviation
@@ -137,6 +144,8 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
       records: the records to plot.
       path: the PNG file to write.
       title: the plot's title.
+      ladder: put sparsity ``s`` at ``k = log(1 - s) / log(0.8)`` (:func:`ladder_step`), the papers'
+        ``1 - 0.8**k`` axis, instead of at ``100 * s``.
 
     Returns:
       ``path`` as a string.
@@ -147,6 +156,9 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    def x_of(sparsity: float) -> float:
+        return ladder_step(sparsity) if ladder else 100.0 * sparsity
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     sparsities = sorted({r["sparsity"] for r in records if r["label"] != DENSE})
@@ -170,7 +182,7 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
         if finite:
             ys = [100.0 * g.mean for g in finite]
             errors = [0.0 if g.std is None else 100.0 * g.std for g in finite]
-            xs = [100.0 * g.sparsity for g in finite]
+            xs = [x_of(g.sparsity) for g in finite]
             if any(errors):
                 ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
             else:
@@ -179,16 +191,16 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
     if not finite_ys:
         ax.set_ylim(0.0, 100.0)
     if diverged:
-        xs = [100.0 * r["sparsity"] for r in diverged]
+        xs = [x_of(r["sparsity"]) for r in diverged]
         ax.scatter(xs, [0.03] * len(xs), marker="x", color="red", s=60, zorder=3,
                    transform=ax.get_xaxis_transform(), label=DIVERGED)
         for x, r in zip(xs, diverged):
             ax.annotate(r["label"], (x, 0.03), xycoords=ax.get_xaxis_transform(), xytext=(5, 3),
                         textcoords="offset points", fontsize=7, color="red")
     if sparsities:
-        ax.set_xticks([100.0 * s for s in sparsities])
-        ax.set_xticklabels([_fmt_sparsity(s) for s in sparsities])
-    ax.set_xlabel("sparsity of the prunable weights")
+        ax.set_xticks([x_of(s) for s in sparsities])
+        ax.set_xticklabels([_fmt_sparsity(s) for s in sparsities], rotation=45 if ladder else 0, fontsize=8 if ladder else None)
+    ax.set_xlabel("sparsity of the prunable weights" + (" (axis: k of 1 - 0.8^k)" if ladder else ""))
     ax.set_ylabel("final test top-1 accuracy (%)")
     if title:
         ax.set_title(title, fontsize=10)
@@ -202,4 +214,4 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
     return path
 
 
-__all__ = ["DIVERGED", "accuracy_notes", "accuracy_table", "details_table", "divergence_notes", "plot_accuracy", "results_markdown"]
+__all__ = ["DIVERGED", "accuracy_notes", "accuracy_table", "details_table", "divergence_notes", "ladder_step", "plot_accuracy", "results_markdown"]
