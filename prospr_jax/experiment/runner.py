@@ -360,7 +360,8 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
                 "history": history,
                 "prune_info": start.prune_info,
                 "train_seconds": seconds,
-                "cell": {"method": cell.method, "sparsity": cell.sparsity, "options": cell.options},
+                "cell": {"method": cell.method, "sparsity": cell.sparsity, "options": cell.options,
+                         "seed": cell.seed, "ablation": cell.ablation},
                 "config_id": exp.config_id,
             }
             ckpt.save(epoch + 1, {"state": state, "masks": start.masks}, jsonable(meta))
