@@ -135,7 +135,7 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
     """Save a PNG of final test top-1 (%) vs sparsity, one line per method; dense as a dashed line.
 
     With several seeds per cell a point is the mean and its error bar the sample standard deviation
-    (the dense line gets a shaded band).
+    (the dense line gets a shaded band). Ablation cells (labels such as ``snip (shuffle)``) are dotted.
 
     Diverged cells are red crosses at the bottom of the axes (labelled ``diverged``), not points of
     their method's line. Returns the path written. Uses matplotlib's Agg backend (no display needed).
@@ -183,10 +183,11 @@ def plot_accuracy(records: Sequence[Record], path: str | os.PathLike, title: str
             ys = [100.0 * g.mean for g in finite]
             errors = [0.0 if g.std is None else 100.0 * g.std for g in finite]
             xs = [x_of(g.sparsity) for g in finite]
+            style = {"linestyle": ":"} if label.endswith(")") else {}  # the ablations: "snip (shuffle)"
             if any(errors):
-                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label, **style)
             else:
-                ax.plot(xs, ys, marker="o", label=label)
+                ax.plot(xs, ys, marker="o", label=label, **style)
             finite_ys += ys
     if not finite_ys:
         ax.set_ylim(0.0, 100.0)
