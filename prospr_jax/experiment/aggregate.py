@@ -147,7 +147,7 @@ def cost_table(records: Sequence[Record], order: Sequence[str]) -> str:
             f"| {g.label} | {100.0 * g.sparsity:g}% | {_fmt(None if eff is None else 100.0 * eff, '.2f')}"
             f"{' ' + FLAG if g.flagged else ''} | {_fmt_flops(_mean_of(g, 'flops'))} | "
             f"{_fmt_flops(_mean_of(g, 'effective_flops'))} | {_fmt_flops(_mean_of(g, 'dense_flops'))} | "
-            f"{_fmt(_mean_of(g, 'theoretical_speedup'), '.2f')}x | {_fmt(_mean_of(g, 'compression_ratio'), '.2f')}x |"
+            f"{_fmt(_mean_of(g, 'theoretical_speedup'), '.3g')}x | {_fmt(_mean_of(g, 'compression_ratio'), '.3g')}x |"
         )
     notes = sorted({r["metrics_note"] for r in records if r.get("metrics_note")})
     return "\n".join(lines + [""] + [f"* {n}" for n in notes] if notes else lines)
