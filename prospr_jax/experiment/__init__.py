@@ -22,6 +22,13 @@ Outputs in ``--out`` (default ``runs/<preset>``):
   (removed when the cell is finished unless ``--keep-checkpoints``);
 * ``.lock``: the lock that keeps a second run out while one runs.
 
+``--seeds 0 1 2`` runs every cell once per seed (the table: mean ± std); ``--ablations shuffle reinit
+invert`` adds the sanity-check cells of Frankle et al. (2021) next to every pruned cell. Single-shot
+methods score once per seed and options and reuse the scores at every sparsity. Every record also
+carries effective sparsity and cost (FLOPs of the kept weights, dense FLOPs, compression, speed-up).
+``python -m experiments.report RUN_DIR...`` merges runs into one table and one plot on the
+``1 - 0.8**k`` sparsity ladder.
+
 ``--resume`` continues from the last checkpoint of an unfinished cell and skips the cells whose record
 is already in ``results.jsonl``; the final result equals that of an uninterrupted run with the same
 seed (data order, augmentation and step randomness are functions of (seed, epoch, step)).
@@ -33,7 +40,10 @@ work), :mod:`~prospr_jax.experiment.launch` (``--out``, lock, resume, leftovers)
 :mod:`~prospr_jax.experiment.runner` (the cells), :mod:`~prospr_jax.experiment.training` (data glue
 of the trainer), :mod:`~prospr_jax.experiment.pruning` (the door to the method registry),
 :mod:`~prospr_jax.experiment.results`, :mod:`~prospr_jax.experiment.plots`,
-:mod:`~prospr_jax.experiment.main`.
+:mod:`~prospr_jax.experiment.main`, :mod:`~prospr_jax.experiment.ablations` (the sanity checks),
+:mod:`~prospr_jax.experiment.aggregate` (seeds pooled: mean ± std, flags),
+:mod:`~prospr_jax.experiment.metrics` (effective sparsity and cost of a cell),
+:mod:`~prospr_jax.experiment.merge` (several runs into one report).
 """
 
 from prospr_jax.experiment.cells import Cell, cells_of

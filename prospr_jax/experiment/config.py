@@ -17,6 +17,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 from prospr_jax import models
+from prospr_jax.experiment.ablations import ABLATIONS, check_ablations
 from prospr_jax.experiment.presets import DEFAULT_PRESET, PRESETS, get_preset
 from prospr_jax.experiment.pruning import check_method_options, check_rules, method_names, produces_masks
 from prospr_jax.train import RECIPES, SCHEDULES, Recipe, get_recipe
@@ -31,7 +32,7 @@ RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imp
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
-CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps")
+CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps", "seeds", "ablations")
 
 
 class UsageError(ValueError):
@@ -179,6 +180,13 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
     add("--warmup-epochs", type=_non_negative_float)
     add("--no-augment", action="store_true", default=None, help="train without crop/flip augmentation")
     add("--seed", type=_non_negative_int, help=f"seed of theta_0, data order, subset and random pruning (default {DEFAULT_SEED})")
+    add("--seeds", nargs="+", type=_non_negative_int, metavar="SEED",
+        help="run every cell once per seed (theta_0, data order, scoring batches and random pruning follow it; "
+             "the --subset is drawn with --seed, default: the first of --seeds); the table shows mean ± std")
+    add("--ablations", nargs="+", choices=ABLATIONS, metavar="ABLATION",
+        help="sanity checks of Frankle et al. (2021), each its own cell next to every pruned cell: shuffle "
+             "(permute the mask within each layer), reinit (same mask, new theta_0), invert (keep the "
+             "lowest-scored weights; single-shot score methods only)")
     add("--eval-every", type=_non_negative_int, help=f"evaluate every N epochs (0: only at the end; default {DEFAULT_EVAL_EVERY})")
     add("--eval-batch-size", type=_positive_int, help=f"default {DEFAULT_EVAL_BATCH_SIZE}")
     add("--out", help="output directory (default runs/<preset>); one run at a time (locked)")
@@ -227,6 +235,13 @@ class RunConfig:
     eval_every: int
     eval_batch_size: int
     preset: str
+    seeds: tuple[int, ...] = ()
+    ablations: tuple[str, ...] = ()
+
+    @property
+    def cell_seeds(self) -> tuple[int, ...]:
+        """The seeds every cell runs with: ``--seeds``, or ``(seed,)``."""
+        return self.seeds or (self.seed,)
 
     def fingerprint_dict(self) -> dict:
         """Everything that determines a cell's result except the method, its options and the sparsity."""
@@ -264,6 +279,8 @@ class RunConfig:
             in_memory=self.in_memory,
             data_dir=self.data_dir,
             cache_dir=self.cache_dir,
+            seeds=list(self.seeds),
+            ablations=list(self.ablations),
         )
         return out
 
@@ -300,6 +317,8 @@ class RunConfig:
                 eval_every=int(d.get("eval_every", DEFAULT_EVAL_EVERY)),
                 eval_batch_size=int(d.get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)),
                 preset=d["preset"],
+                seeds=tuple(int(x) for x in d.get("seeds", ())),
+                ablations=tuple(d.get("ablations", ())),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
@@ -389,7 +408,17 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
     image_size = settings.get("image_size")
     if image_size is None and settings.get("dataset") is None:
         image_size = preset.image_size  # The preset's resize is for its own catalog data set only.
+    seeds = tuple(settings.get("seeds") or ())
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"`--seeds` lists a seed twice: {list(seeds)}")
     seed = settings.get("seed")
+    if seed is None and seeds:
+        seed = seeds[0]
+    ablations = tuple(settings.get("ablations") or ())
+    try:
+        check_ablations(ablations, pruners, density_rule=density_rule)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     eval_every = settings.get("eval_every")
     return RunConfig(
         dataset=dataset,
@@ -414,6 +443,8 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         eval_every=DEFAULT_EVAL_EVERY if eval_every is None else eval_every,
         eval_batch_size=settings.get("eval_batch_size") or DEFAULT_EVAL_BATCH_SIZE,
         preset=preset.name,
+        seeds=seeds,
+        ablations=ablations,
     )
 
 
@@ -453,6 +484,8 @@ def settings_of(config: RunConfig) -> dict[str, Any]:
         "seed": config.seed,
         "eval_every": config.eval_every,
         "eval_batch_size": config.eval_batch_size,
+        "seeds": list(config.seeds),
+        "ablations": list(config.ablations),
     }
 
 

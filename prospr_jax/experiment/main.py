@@ -123,7 +123,9 @@ def report(run: Launch, experiment: Experiment, failed: list[str], diverged: lis
     """Write and print the table of the configuration's cells; returns the exit status."""
     config = run.config
     if is_main():
-        title = f"{config.model} on {experiment.dataset.name}, {config.recipe.epochs} epochs, seed {config.seed}"
+        seeds = config.cell_seeds
+        seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+        title = f"{config.model} on {experiment.dataset.name}, {config.recipe.epochs} epochs, {seed_text}"
         records = latest_records(read_records(run.results_path), run.config.config_id)
         text, md_path, png_path = write_report(run.out, records, title)
         print(f"\n{text}\nresults: {run.results_path}\ntable:   {md_path}\nplot:    {png_path}")

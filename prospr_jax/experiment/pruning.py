@@ -7,9 +7,12 @@ configuration is read, before any data is loaded.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any, Mapping, Optional
 
 from prospr_jax import methods as registry
+from prospr_jax._src.ablations import inverted_scores
 from prospr_jax.methods import MaskRule, PruneResult
 
 
@@ -63,4 +66,50 @@ def prune(
     )
 
 
-__all__ = ["check_method_options", "check_rules", "method_names", "produces_masks", "prune"]
+class ScoreCache:
+    """Prunes single-shot score methods once per method and option set, and derives every other
+    sparsity's masks from the same scores (:func:`prospr_jax.methods.masks_for`).
+
+    The cache holds the last result only (the runner runs one method's sparsities one after the
+    other), so it costs one scores pytree of memory. Methods that prune in rounds or while training
+    (their result holds no scores) are pruned afresh for every sparsity; their result is reused only
+    at the same sparsity (the ablation cells that follow a cell). Use one cache per problem: the
+    scores are those of its theta_0 and data.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[str] = None
+        self._result: Optional[PruneResult] = None
+
+    def prune(self, name: str, problem: Any, sparsity: float, *, density_rule: Optional[str], scope: str,
+              min_per_layer: int, options: Mapping[str, Any], invert: bool = False) -> tuple[PruneResult, bool]:
+        """``(result, reused)``: the result of method ``name`` at ``sparsity``; ``reused``: the scores came
+        from an earlier call (``result.seconds`` is then the first call's scoring time plus this
+        thresholding).
+
+        ``invert``: keep the LOWEST-scored weights at ``sparsity`` (the ``invert`` sanity check);
+        only for single-shot score methods (a ``ValueError`` otherwise).
+        """
+        rule = {"density_rule": density_rule, "scope": scope, "min_per_layer": min_per_layer}
+        # A method that prunes in rounds is reused only at the same sparsity (its ablation cells).
+        at = round(float(sparsity), 9) if produces_masks(name) else None
+        key = json.dumps([name, dict(options), at], sort_keys=True, default=str)
+        reused = key == self._key and self._result is not None
+        if reused:
+            scored = self._result
+        else:
+            scored = prune(name, problem, sparsity, options=options, **rule)
+            self._key, self._result = key, scored
+        if invert and scored.scores is None:
+            raise ValueError(f"`invert` needs a single-shot score method; {name!r} prunes in rounds or while training")
+        if scored.scores is None:
+            return scored, reused
+        if invert:
+            flipped = dataclasses.replace(scored, scores=inverted_scores(scored.scores))
+            return dataclasses.replace(registry.masks_for(flipped, problem, sparsity, **rule), scores=scored.scores), reused
+        if reused:
+            return registry.masks_for(scored, problem, sparsity, **rule), reused
+        return scored, False
+
+
+__all__ = ["ScoreCache", "check_method_options", "check_rules", "method_names", "produces_masks", "prune"]

@@ -15,6 +15,7 @@ and ``null`` test metrics; the checkpoint of the last finite epoch is not replac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
-from prospr_jax.experiment import pruning
+from prospr_jax.experiment import metrics, pruning
+from prospr_jax.experiment.ablations import ablate
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
 from prospr_jax.experiment.distributed import is_main
@@ -110,6 +112,43 @@ class Experiment:
         self.now = Progress()
         self._prune_batches: dict[int, Any] = {}
         self._problem: Optional[PruningProblem] = None
+        self.scores = pruning.ScoreCache()
+        self._seeded: dict[int, "Experiment"] = {}
+        self._trace: dict[str, Any] = {}  # shared with the seeded copies: one trace per run
+
+    def layer_trace(self) -> tuple[Any, Optional[str]]:
+        """``(trace, None)``: the model's layer trace (:mod:`prospr_jax.experiment.metrics`), taken
+        once per run; ``(None, reason)`` when the model cannot be traced."""
+        if not self._trace:
+            try:
+                self._trace["trace"] = (metrics.flax_trace(self.model, self.params0, self.batch_stats0, self.input_shape), None)
+            except Exception as e:  # noqa: BLE001 - any tracing failure leaves the metrics None, with the reason
+                self._trace["trace"] = (None, f"{type(e).__name__}: {e}")
+        return self._trace["trace"]
+
+    def for_seed(self, seed: Optional[int]) -> "Experiment":
+        """The experiment of a cell with seed ``seed`` (``None`` or the configuration's seed: this one).
+
+        It shares the data, the model, the mesh and the compiled train/eval steps, and has its own
+        theta_0, data order, scoring batches, pruning key and train_fn, all drawn from ``seed`` as
+        this one's are from ``--seed``; the training subset is this one's. Cell ids stay those of
+        this configuration (:attr:`config_id`). Built once per seed.
+        """
+        if seed is None or seed == self.config.seed:
+            return self
+        if seed not in self._seeded:
+            other = copy.copy(self)
+            other.config = dataclasses.replace(self.config, seed=seed)
+            other.params0, other.batch_stats0 = models.init(self.model, jax.random.PRNGKey(seed), (1,) + self.input_shape)
+            other.train_fn = make_train_fn(self.trainer, self.dataset, batch_stats=other.batch_stats0, seed=seed)
+            other._prune_batches, other._problem, other._seeded = {}, None, {}
+            other.scores = pruning.ScoreCache()
+            self._seeded[seed] = other
+        return self._seeded[seed]
+
+    def init_params(self, key: jax.Array) -> Any:
+        """A fresh draw of the model's parameters from ``key`` (the ``reinit`` ablation)."""
+        return models.init(self.model, key, (1,) + self.input_shape)[0]
 
     def batch_fn(self, i: int) -> Any:
         """The i-th scoring batch: step i of the (unaugmented) training stream, as jax arrays."""
@@ -146,15 +185,23 @@ class Experiment:
 
         Training starts from ``start_params`` at ``start_step``: theta_0 and 0, or the rewound weights
         of the methods that train while pruning (IMP: theta_k and k; DRIVE: its start params).
+
+        Single-shot score methods score once per method and options (:class:`pruning.ScoreCache`):
+        the other sparsities (and the ablation cells) reuse the scores; ``extras['scores_reused']``
+        says which cells did. The cell's ablation, if any, is applied to the result.
         """
+        if cell.seed is not None and cell.seed != self.config.seed:
+            raise ValueError(f"cell {cell.name} has seed {cell.seed}; prune it with experiment.for_seed({cell.seed})")
         if cell.method == DENSE:
             masks = dense_masks(self.params0, self.problem().prunable_tree())
             return PruneResult(masks=masks, start_params=self.params0, method=DENSE)
         cfg = self.config
-        return pruning.prune(
+        result, reused = self.scores.prune(
             cell.method, self.problem(), cell.sparsity, density_rule=cfg.density_rule, scope=cfg.scope,
-            min_per_layer=cfg.min_per_layer, options=cell.options,
+            min_per_layer=cfg.min_per_layer, options=cell.options, invert=cell.ablation == "invert",
         )
+        result = dataclasses.replace(result, extras={**result.extras, "scores_reused": reused})
+        return ablate(cell.ablation, result, seed=cfg.seed, init_params=self.init_params)
 
     def evaluate(self, state: TrainState) -> dict:
         """Test metrics of ``state`` on the evaluation split."""
@@ -313,7 +360,8 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
                 "history": history,
                 "prune_info": start.prune_info,
                 "train_seconds": seconds,
-                "cell": {"method": cell.method, "sparsity": cell.sparsity, "options": cell.options},
+                "cell": {"method": cell.method, "sparsity": cell.sparsity, "options": cell.options,
+                         "seed": cell.seed, "ablation": cell.ablation},
                 "config_id": exp.config_id,
             }
             ckpt.save(epoch + 1, {"state": state, "masks": start.masks}, jsonable(meta))
@@ -338,6 +386,8 @@ def cell_record(exp: Experiment, cell: Cell, start: CellStart, history: list, se
         "dataset": cfg.dataset,
         "model": cfg.model,
         "seed": cfg.seed,
+        "ablation": cell.ablation,
+        "scores_reused": bool(start.prune_info.get("extras", {}).get("scores_reused", False)),
         "test_top1": final.get("top1"),
         "test_top5": final.get("top5"),
         "test_loss": final.get("loss"),
@@ -360,6 +410,7 @@ def cell_record(exp: Experiment, cell: Cell, start: CellStart, history: list, se
         "num_devices": int(exp.mesh.devices.size),
         "num_processes": jax.process_count(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **metrics.cell_metrics(start.masks, exp.params0, *exp.layer_trace()),
     }
 
 
@@ -375,8 +426,9 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
     Returns:
       The record.
     """
+    base, exp = exp, exp.for_seed(cell.seed)
     ckpt = Checkpointer(checkpoint_path(exp.out, cell, exp.config_id))
-    exp.now = Progress(cell=cell, checkpoint_dir=ckpt.directory)
+    exp.now = base.now = Progress(cell=cell, checkpoint_dir=ckpt.directory)
     try:
         if not resume:
             ckpt.delete_all()  # Only what --restart allowed to discard can be there.
@@ -394,7 +446,7 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
             ckpt.delete_all()
     finally:
         ckpt.close()
-    exp.now = Progress()
+    exp.now = base.now = Progress()
     return record
 
 

@@ -283,6 +283,13 @@ class LayerTrace:
       unsupported: messages for data flows the tracer could not follow (naming the primitive).
       batch_stat_layers: kernels whose input is scaled by statistics of the batch (BatchNorm in
         training mode).
+      skip_sources: the identity skips resolved to where they come from: for every ``'identity'``
+        edge into a kernel, one edge per kernel (``'weight'``, ``src`` set) or model input
+        (``'input'``) whose output channels the skip carries, ``index`` per input unit of ``dst``
+        (``-1``: not carried), through any chain of skips. Reachability (effective sparsity) needs
+        them; lookahead's norms do not.
+      out_shapes: each kernel's output activation shape in the trace (batch first, channels last),
+        e.g. ``(N, H', W', C_out)`` of a conv: the positions a kernel is applied at (FLOP counts).
     """
 
     layers: tuple[str, ...]
@@ -291,6 +298,8 @@ class LayerTrace:
     own_scales: Mapping[str, Optional[np.ndarray]]
     unsupported: tuple[str, ...]
     batch_stat_layers: tuple[str, ...]
+    skip_sources: tuple[Edge, ...] = ()
+    out_shapes: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def graph(self, scored: Sequence[str]) -> LayerGraph:
         return LayerGraph(self.layers, tuple(scored), self.edges, "traced")
@@ -377,6 +386,8 @@ class _Tracer:
         self.kernel_units: dict[str, tuple[int, int]] = {}
         self.unsupported: list[str] = []
         self.batch_stat_layers: list[str] = []
+        self.skip_sources: list[Edge] = []
+        self.out_shapes: dict[str, tuple] = {}
 
     # -- static analysis ---------------------------------------------------------------------
 
@@ -566,6 +577,7 @@ class _Tracer:
         else:
             self.layers.append(name)
             self.kernel_units[name] = (kernel_shape[-2], kernel_shape[-1])
+            self.out_shapes[name] = tuple(out_shape)
         problem = None
         if isinstance(lhs, _Bad):
             problem = lhs.reason
@@ -581,10 +593,27 @@ class _Tracer:
                 kind = {"kernel": "weight", "input": "input", "identity": "identity"}[t.origin[0]]
                 src = t.origin[1] if kind == "weight" else None
                 self.edges.append((Edge(src, name, t.idx, kind), _scale_or_none(t.scale)))
+                if kind == "identity":
+                    for origin, idx in self._skip_origins(t.origin[1], t.idx):
+                        src = origin[1] if origin[0] == "kernel" else None
+                        self.skip_sources.append(Edge(src, name, idx, "weight" if src else "input"))
         c = kernel_shape[-1]
         ancestors = lhs.ancestors if isinstance(lhs, _Flow) else frozenset()
         term = _Term(("kernel", name), np.arange(c), np.ones(c))
         self._set(e.outs[0], _Flow((term,), out_shape, ancestors=ancestors))
+
+    def _skip_origins(self, fork: int, idx: np.ndarray) -> list:
+        """``(origin, index)`` of every kernel or input that the skip from ``fork`` carries, through
+        chains of skips; ``idx``: per unit, the fork channel it receives (``-1``: none)."""
+        out = []
+        ok = idx >= 0
+        for t in self.fork_terms[fork]:
+            through = np.where(ok, t.idx[np.where(ok, idx, 0)], -1)
+            if t.origin[0] == "identity":
+                out += self._skip_origins(t.origin[1], through)
+            elif np.any(through >= 0):
+                out.append((t.origin, through))
+        return out
 
     def _step(self, e: _Eqn) -> list:
         name = e.prim.name
@@ -954,6 +983,8 @@ def trace_layer_graph(
         own_scales=dict(tracer.own_scales),
         unsupported=tuple(tracer.unsupported),
         batch_stat_layers=tuple(tracer.batch_stat_layers),
+        skip_sources=tuple(tracer.skip_sources),
+        out_shapes=dict(tracer.out_shapes),
     )
 
 
