@@ -32,6 +32,8 @@ from prospr_jax.methods.lamp import lamp_scores
 from prospr_jax.methods.lookahead import lap_scores, problem_layer_graph
 from prospr_jax.methods.drive import drive_scores
 from prospr_jax.methods.imp import imp_densities, imp_num_rounds
+from prospr_jax.methods.dst import DynamicSparseMethod, MaskUpdater, drop_and_grow, drop_fraction_at
+from prospr_jax.methods import set as _set_module, rigl  # noqa: F401  (register 'set' and 'rigl')
 from prospr_jax.methods.registry import check_call, markdown_table, masks_for, prune, score, table
 
 __all__ = [
@@ -45,6 +47,9 @@ __all__ = [
     "check_call",
     "density_schedule",
     "drive_scores",
+    "drop_and_grow",
+    "drop_fraction_at",
+    "DynamicSparseMethod",
     "erk_densities",
     "force_masks",
     "get",
@@ -59,6 +64,7 @@ __all__ = [
     "markdown_table",
     "masked_gradient_scores",
     "masks_for",
+    "MaskUpdater",
     "meta_gradient",
     "names",
     "problem_layer_graph",
