@@ -25,19 +25,29 @@ class Cell:
       method: a registered method name or ``'dense'``.
       sparsity: the sparsity of the prunable weights (0 for ``'dense'``).
       options: the method's options (``prospr_jax.methods.prune`` keyword arguments).
+      prune_at: when the mask is scored: ``'init'`` (default), ``'step:K'`` or ``'end'``
+        (:mod:`prospr_jax.experiment.paradigms`).
+      after: what training starts from after pruning: ``'rewind'`` (default), ``'finetune'`` or ``'reinit'``.
     """
 
     method: str
     sparsity: float
     options: dict
+    prune_at: str = "init"
+    after: str = "rewind"
 
     @property
     def label(self) -> str:
-        """The method and its options, e.g. ``prospr[num_steps=1]``."""
-        if not self.options:
-            return self.method
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}[{opts}]"
+        """The method, its options and its paradigm when not the default, e.g. ``prospr[num_steps=1]``,
+        ``magnitude@end+finetune``."""
+        label = self.method
+        if self.options:
+            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+        if self.prune_at != "init":
+            label += f"@{self.prune_at}"
+        if self.after != "rewind":
+            label += f"+{self.after}"
+        return label
 
     @property
     def name(self) -> str:
@@ -46,8 +56,13 @@ class Cell:
 
     def cell_id(self, config_id: str) -> str:
         """The cell's id within configuration ``config_id``."""
-        return digest({"config": config_id, "method": self.method, "options": self.options,
-                       "sparsity": round(self.sparsity, 9)})
+        fields = {"config": config_id, "method": self.method, "options": self.options,
+                  "sparsity": round(self.sparsity, 9)}
+        # Fields digested only when they differ from their default: today's cells keep their ids.
+        for name, default in (("prune_at", "init"), ("after", "rewind")):
+            if getattr(self, name) != default:
+                fields[name] = getattr(self, name)
+        return digest(fields)
 
     def dirname(self, config_id: str) -> str:
         """The name of the cell's checkpoint directory (ends with its id)."""
@@ -62,7 +77,8 @@ def cells_of(config: RunConfig) -> list[Cell]:
             cells.append(Cell(DENSE, 0.0, {}))
             continue
         for s in config.sparsities:
-            cells.append(Cell(method, float(s), dict(config.method_options.get(method, {}))))
+            cells.append(Cell(method, float(s), dict(config.method_options.get(method, {})),
+                              prune_at=config.prune_at, after=config.after))
     return cells
 
 

@@ -47,6 +47,22 @@ def check_rules(name: str, *, density_rule: Optional[str], scope: str, min_per_l
     registry.check_call(name, None, {}, MaskRule(density_rule, scope, min_per_layer))
 
 
+def is_dynamic(name: str) -> bool:
+    """Whether method ``name`` trains with a changing mask (dynamic sparse training: SET, RigL)."""
+    return isinstance(registry.get(name), registry.DynamicSparseMethod)
+
+
+def trains_while_pruning(name: str) -> bool:
+    """Whether method ``name`` trains the network itself while it prunes (IMP, DRIVE: ``train_fn``)."""
+    return "train_fn" in registry.get(name).needs
+
+
+def mask_updater(name: str, problem: Any, options: Mapping[str, Any], total_steps: int) -> Any:
+    """The :class:`prospr_jax.methods.MaskUpdater` of dynamic method ``name`` for a run of ``total_steps``."""
+    method = registry.get(name)
+    return method.updater(problem, method.parse_options(dict(options)), total_steps)
+
+
 def prune(
     name: str,
     problem: Any,
@@ -63,4 +79,5 @@ def prune(
     )
 
 
-__all__ = ["check_method_options", "check_rules", "method_names", "produces_masks", "prune"]
+__all__ = ["check_method_options", "check_rules", "is_dynamic", "mask_updater", "method_names", "produces_masks", "prune",
+           "trains_while_pruning"]

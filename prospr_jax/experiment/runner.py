@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
-from prospr_jax.experiment import pruning
+from prospr_jax.experiment import paradigms, pruning
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
 from prospr_jax.experiment.distributed import is_main
@@ -110,6 +110,8 @@ class Experiment:
         self.now = Progress()
         self._prune_batches: dict[int, Any] = {}
         self._problem: Optional[PruningProblem] = None
+        self.pretrained: dict[int, TrainState] = {}  # dense training before pruning (--prune-at), by steps
+        self.paradigm_trainers: dict[str, Trainer] = {}  # --after finetune's trainer
 
     def batch_fn(self, i: int) -> Any:
         """The i-th scoring batch: step i of the (unaugmented) training stream, as jax arrays."""
@@ -152,7 +154,7 @@ class Experiment:
             return PruneResult(masks=masks, start_params=self.params0, method=DENSE)
         cfg = self.config
         return pruning.prune(
-            cell.method, self.problem(), cell.sparsity, density_rule=cfg.density_rule, scope=cfg.scope,
+            cell.method, paradigms.scoring_problem(self, cell), cell.sparsity, density_rule=cfg.density_rule, scope=cfg.scope,
             min_per_layer=cfg.min_per_layer, options=cell.options,
         )
 
@@ -176,6 +178,7 @@ class CellStart:
     history: list
     prune_info: dict
     train_seconds: float
+    mask_updates: Optional[paradigms.MaskUpdateHook] = None  # dynamic sparse training
 
 
 class Diverged(Exception):
@@ -219,7 +222,7 @@ def restore_cell(exp: Experiment, cell: Cell, ckpt: Checkpointer) -> Optional[Ce
         return None
     restored, meta = ckpt.restore(step, {"masks": None})
     masks = restored["masks"]
-    target = exp.trainer.init(exp.params0, exp.batch_stats0, masks, rng=_train_rng(exp))
+    target = paradigms.trainer_for(exp, cell).init(exp.params0, exp.batch_stats0, masks, rng=_train_rng(exp))
     restored, meta = ckpt.restore(step, {"state": target})
     start = CellStart(masks, restored["state"], int(meta["epoch"]), list(meta["history"]), meta["prune_info"],
                       float(meta["train_seconds"]))
@@ -238,14 +241,15 @@ def start_cell(exp: Experiment, cell: Cell) -> CellStart:
     masks = result.masks
     prune_info = jsonable(result.summary())
     # IMP rewound to theta_k (k > 0) continues the schedule and the data stream from step k
-    # (Frankle et al. 2020): the ticket trains the remaining T - k steps.
-    first_step = result.start_step
-    total = exp.config.recipe.epochs * exp.steps_per_epoch
+    # (Frankle et al. 2020): the ticket trains the remaining T - k steps; so does --prune-at step:K.
+    start_params, batch_stats, first_step = paradigms.training_start(exp, cell, result)
+    trainer = paradigms.trainer_for(exp, cell)
+    total = trainer.total_steps
     if first_step >= total:
         raise ValueError(
             f"{cell.label}: training would start at step {first_step} (rewind step), but the recipe has only {total} steps"
         )
-    state = exp.trainer.init(result.start_params, exp.batch_stats0, masks, rng=_train_rng(exp), start_step=first_step)
+    state = trainer.init(start_params, batch_stats, masks, rng=_train_rng(exp), start_step=first_step)
     return CellStart(masks, state, first_step // exp.steps_per_epoch, [], prune_info, 0.0)
 
 
@@ -256,7 +260,7 @@ def _train_rng(exp: Experiment) -> jax.Array:
 def _progress_bar(exp: Experiment, cell: Cell, state: TrainState) -> Optional[tqdm]:
     if not exp.progress:
         return None
-    total = exp.config.recipe.epochs * exp.steps_per_epoch
+    total = paradigms.trainer_for(exp, cell).total_steps
     return tqdm(total=total, initial=int(state.step), desc=cell.name, unit="step", dynamic_ncols=True, leave=False)
 
 
@@ -268,7 +272,8 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
       metrics of the evaluated epochs); ``diverged`` is ``None`` or where the loss became non-finite.
     """
     cfg, spe = exp.config, exp.steps_per_epoch
-    epochs = cfg.recipe.epochs
+    trainer = paradigms.trainer_for(exp, cell)
+    epochs = trainer.recipe.epochs
     state, history, seconds = start.state, list(start.history), start.train_seconds
     last_eval: dict = history[-1].get("test", {}) if history else {}
     bar = _progress_bar(exp, cell, state)
@@ -295,7 +300,7 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
                 workers=exp.data_workers,
             )
             try:
-                state, train_metrics = exp.trainer.train_epoch(state, batches, on_step=on_step)
+                state, train_metrics = trainer.train_epoch(state, batches, on_step=on_step, after_step=start.mask_updates)
                 watch.flush()
             except Diverged as d:
                 seconds += time.perf_counter() - began
@@ -383,11 +388,13 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
         start = restore_cell(exp, cell, ckpt) if resume else None
         if start is None:
             start = start_cell(exp, cell)
+        start.mask_updates = paradigms.mask_update_hook(exp, cell, start.state)
         report = sparsity_report(start.masks, exp.params0)
         if report.empty_layers:
             print(f"WARNING [{cell.name}] empty layers: {', '.join(report.empty_layers)}")
         history, seconds, diverged = train_cell(exp, cell, start, ckpt)
         record = cell_record(exp, cell, start, history, seconds, diverged)
+        record.update(paradigms.record_fields(cell, start.masks, start.mask_updates))
         if is_main():
             append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:
