@@ -36,12 +36,12 @@ Combinations that cannot be run are errors when the configuration is read (:func
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
-from prospr_jax import dense_masks, masks_of, models
+from prospr_jax import dense_masks, masks_of, models, replicate
 from prospr_jax.experiment import pruning
 
 PRUNE_AT_DEFAULT = "init"
@@ -205,11 +205,12 @@ class MaskUpdateHook:
 
     It counts the steps on the host from the state it is built with (a resumed run continues the
     count), calls the :class:`prospr_jax.methods.MaskUpdater` after the steps it names, and keeps the
-    number of updates run and the current masks.
+    number of updates run and the current masks. ``place`` (optional) puts the updated state back
+    where the train step expects it (replicated over a data mesh).
     """
 
-    def __init__(self, updater: Any, state: Any):
-        self.updater = updater
+    def __init__(self, updater: Any, state: Any, place: Optional[Callable[[Any], Any]] = None):
+        self.updater, self.place = updater, place
         self.step = int(state.step)
         self.updates = updater.updates_until(self.step)
         self.masks = masks_of(state.opt_state)
@@ -221,7 +222,8 @@ class MaskUpdateHook:
         params, opt_state = self.updater(state.params, state.opt_state, batch, self.step)
         self.updates += 1
         self.masks = masks_of(opt_state)
-        return state._replace(params=params, opt_state=opt_state)
+        state = state._replace(params=params, opt_state=opt_state)
+        return state if self.place is None else self.place(state)
 
 
 def mask_update_hook(exp: Any, cell: Any, state: Any) -> Optional[MaskUpdateHook]:
@@ -229,7 +231,8 @@ def mask_update_hook(exp: Any, cell: Any, state: Any) -> Optional[MaskUpdateHook
     if cell.method not in pruning.method_names() or not pruning.is_dynamic(cell.method):
         return None
     updater = pruning.mask_updater(cell.method, exp.problem(), cell.options, trainer_for(exp, cell).total_steps)
-    return MaskUpdateHook(updater, state)
+    place = None if exp.mesh.devices.size == 1 else (lambda tree: replicate(tree, exp.mesh))
+    return MaskUpdateHook(updater, state, place)
 
 
 def changed_fraction(first: Any, final: Any) -> float:
