@@ -168,3 +168,23 @@ def test_possible_combinations_resolve_and_default_cells_keep_their_ids():
     assert paradigms.parse_prune_at("step:7") == "step:7"
     with pytest.raises(Exception, match="step:K"):
         paradigms.parse_prune_at("step:-1")
+
+
+def test_a_resumed_set_cell_gives_the_uninterrupted_result(exp):
+    """Resume from the epoch-1 checkpoint: the update count continues from the step, SET's random
+    growth depends only on the step, so masks, counts and metrics are those of the whole run."""
+    import os
+    import shutil
+
+    from prospr_jax.experiment.cells import checkpoint_path
+
+    cell = Cell("set", SPARSITY, {"update_every": 2})
+    whole = run_cell(exp, cell, resume=False, keep_checkpoints=True)
+    directory = checkpoint_path(exp.out, cell, exp.config_id)
+    assert {"1", "2"} <= set(os.listdir(directory))
+    shutil.rmtree(os.path.join(directory, "2"))
+    resumed = run_cell(exp, cell, resume=True, keep_checkpoints=False)
+    assert resumed["history"][0] == whole["history"][0]
+    for key in ("mask_updates", "mask_changed_fraction", "kept_prunable", "test_top1", "test_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert whole["mask_updates"] == 4
