@@ -129,7 +129,8 @@ def test_rigl_cell_updates_its_mask_during_training_without_recompiling(exp):
     assert record["kept_prunable"] == math.ceil((1 - SPARSITY) * record["total_prunable"])
     static = run_cell(exp, Cell("magnitude", SPARSITY, {}), resume=False, keep_checkpoints=False)
     assert static["mask_updates"] == 0 and static["mask_changed_fraction"] == 0.0
-    assert (static["prune_at"], static["after"]) == ("init", "rewind")
+    assert (static["prune_at"], static["after"], static["dense_steps_before_pruning"]) == ("init", "rewind", 0)
+    assert static["train_epochs"] == 2
     # One compiled train step for every cell and mask: the updates swapped masks as data.
     assert exp.trainer.train_step._cache_size() == 1
 
@@ -188,3 +189,13 @@ def test_a_resumed_set_cell_gives_the_uninterrupted_result(exp):
     for key in ("mask_updates", "mask_changed_fraction", "kept_prunable", "test_top1", "test_loss"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
     assert whole["mask_updates"] == 4
+
+
+def test_a_finetune_cell_records_its_paradigm_and_trains_the_finetune_epochs(exp):
+    record = run_cell(exp, Cell("magnitude", SPARSITY, {}, prune_at="end", after="finetune"), resume=False,
+                      keep_checkpoints=False)
+    assert record["label"] == "magnitude@end+finetune"
+    assert (record["prune_at"], record["after"]) == ("end", "finetune")
+    assert record["dense_steps_before_pruning"] == exp.trainer.total_steps == 12
+    assert record["train_epochs"] == len(record["history"]) == 1
+    assert record["history"][0]["test"]["top1"] is not None

@@ -247,14 +247,18 @@ def changed_fraction(first: Any, final: Any) -> float:
     return new / kept if kept else 0.0
 
 
-def record_fields(cell: Any, first_masks: Any, hook: Optional[MaskUpdateHook]) -> dict:
-    """The paradigm's fields of a cell's record: ``prune_at``, ``after``, ``mask_updates`` and
-    ``mask_changed_fraction`` (0 for a fixed mask)."""
+def record_fields(exp: Any, cell: Any, start: Any) -> dict:
+    """The paradigm's fields of a cell's record: ``prune_at``, ``after``, ``dense_steps_before_pruning``,
+    ``train_epochs`` (of the masked training), ``mask_updates`` and ``mask_changed_fraction`` (0 for a
+    fixed mask; ``start``: the cell's :class:`prospr_jax.experiment.runner.CellStart`)."""
+    hook = start.mask_updates
     return {
         "prune_at": cell.prune_at,
         "after": cell.after,
+        "dense_steps_before_pruning": prune_step(cell.prune_at, exp.trainer.total_steps),
+        "train_epochs": trainer_for(exp, cell).recipe.epochs,
         "mask_updates": 0 if hook is None else hook.updates,
-        "mask_changed_fraction": 0.0 if hook is None else changed_fraction(first_masks, hook.masks),
+        "mask_changed_fraction": 0.0 if hook is None else changed_fraction(start.masks, hook.masks),
     }
 
 

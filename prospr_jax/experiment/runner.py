@@ -147,7 +147,8 @@ class Experiment:
         """The :class:`prospr_jax.methods.PruneResult` of ``cell`` (``seconds``: the pruning wall time).
 
         Training starts from ``start_params`` at ``start_step``: theta_0 and 0, or the rewound weights
-        of the methods that train while pruning (IMP: theta_k and k; DRIVE: its start params).
+        of the methods that train while pruning (IMP: theta_k and k; DRIVE: its start params). The
+        method scores the problem of the cell's ``prune_at`` (:func:`paradigms.scoring_problem`).
         """
         if cell.method == DENSE:
             masks = dense_masks(self.params0, self.problem().prunable_tree())
@@ -394,7 +395,7 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
             print(f"WARNING [{cell.name}] empty layers: {', '.join(report.empty_layers)}")
         history, seconds, diverged = train_cell(exp, cell, start, ckpt)
         record = cell_record(exp, cell, start, history, seconds, diverged)
-        record.update(paradigms.record_fields(cell, start.masks, start.mask_updates))
+        record.update(paradigms.record_fields(exp, cell, start))
         if is_main():
             append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:
