@@ -10,7 +10,9 @@ Functional cores (pure functions of params pytrees, for your own code):
   :func:`synflow_scores`, :func:`magnitude_scores`, :func:`random_scores`, :func:`lamp_scores`,
   :func:`drive_scores`, :func:`lap_scores`;
 * iterative pruners: :func:`iterative_snip_masks`, :func:`force_masks`, :func:`synflow_masks`;
-* density rules and schedules: :func:`erk_densities`, :class:`MaskRule`, :func:`density_schedule`.
+* density rules and schedules: :func:`erk_densities`, :class:`MaskRule`, :func:`density_schedule`;
+* dynamic sparse training (``set``, ``rigl``): :func:`drop_and_grow`, :func:`drop_fraction_at` and the
+  :class:`MaskUpdater` a training loop calls (:class:`DynamicSparseMethod`).
 
 The reference of every method (what it computes, the authors' conventions, where this library departs
 from them) is docs/methods.md in the repository.
