@@ -199,3 +199,13 @@ def test_a_finetune_cell_records_its_paradigm_and_trains_the_finetune_epochs(exp
     assert record["dense_steps_before_pruning"] == exp.trainer.total_steps == 12
     assert record["train_epochs"] == len(record["history"]) == 1
     assert record["history"][0]["test"]["top1"] is not None
+
+
+def test_prune_step_beyond_the_recipe_is_refused_before_loading_data():
+    from prospr_jax.experiment.checks import check_run
+
+    config = resolve_config({**SETTINGS, "methods": ["snip"], "prune_at": "step:12"})
+    with pytest.raises(UsageError, match="only 12 training steps"):  # 2 epochs x 300 // 50
+        check_run(config, num_train=1437, num_classes=10, image_shape=None)
+    check_run(config.__class__(**{**config.__dict__, "prune_at": "step:11"}), num_train=1437, num_classes=10,
+              image_shape=None)
