@@ -181,8 +181,8 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
     add("--after", choices=paradigms.AFTER,
         help="what training starts from after pruning: rewind (theta_0, or theta_K with step:K; default), "
              "finetune (the trained weights, --finetune-epochs at --finetune-lr) or reinit (new random weights)")
-    add("--finetune-epochs", type=_positive_int, help="epochs of --after finetune (default: the recipe's epochs)")
-    add("--finetune-lr", type=_positive_float, help="constant learning rate of --after finetune (default: 0.1 x --lr)")
+    add("--finetune-epochs", type=_positive_int, metavar="N", help="epochs of --after finetune (default: the recipe's epochs)")
+    add("--finetune-lr", type=_positive_float, metavar="LR", help="constant learning rate of --after finetune (default: 0.1 x --lr)")
     add("--prune-batch-size", type=_positive_int, help="batch size of the scoring batches (default: preset, else --batch-size)")
     add("--prune-augment", action="store_true", default=None, help="augment the scoring batches too (default: no augmentation)")
     add("--recipe", choices=tuple(RECIPES), help="training recipe (prospr: ProsPr code; frankle: Frankle et al.)")
