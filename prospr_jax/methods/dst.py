@@ -36,6 +36,7 @@ Initial masks: random within each layer at ERK densities (RigL's default), Erdő
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, Optional
 
@@ -195,6 +196,24 @@ def _options_key(problem_key: Any, options: DstOptions) -> Any:
     return jax.random.key(options.seed) if options.seed is not None else problem_key
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_update(loss_fn: LossFn, regrow: str) -> Callable[..., Any]:
+    """One jitted update per (loss, growth rule): every cell of a run that shares the loss (the
+    runner's problem) shares the compiled program."""
+
+    def update(params, opt_state, batch, fraction, key):
+        masks = masks_of(opt_state)
+        effective = apply_masks(params, masks)
+        drop = jax.tree_util.tree_map(jnp.abs, effective)
+        if regrow == "gradient":
+            grow = jax.tree_util.tree_map(jnp.abs, jax.grad(loss_fn)(effective, batch))
+        else:
+            grow = uniform_like(key, masks)
+        return swap_masks(params, opt_state, drop_and_grow(masks, drop, grow, fraction))
+
+    return jax.jit(update)
+
+
 class MaskUpdater:
     """The mask updates of one DST run: when they happen and what each one does.
 
@@ -216,23 +235,7 @@ class MaskUpdater:
         self.total_steps = check_int(total_steps, "total_steps", low=1)
         self.end_step = int(math.floor(options.end_fraction * self.total_steps + 1e-9))
         self.key = key if key is not None else jax.random.key(0)
-        self._update = jax.jit(self._make_update(loss_fn))
-
-    def _make_update(self, loss_fn: LossFn) -> Callable[..., Any]:
-        regrow = self.regrow
-
-        def update(params, opt_state, batch, fraction, key):
-            masks = masks_of(opt_state)
-            effective = apply_masks(params, masks)
-            drop = jax.tree_util.tree_map(jnp.abs, effective)
-            if regrow == "gradient":
-                grow = jax.tree_util.tree_map(jnp.abs, jax.grad(loss_fn)(effective, batch))
-            else:
-                grow = uniform_like(key, masks)
-            new_masks = drop_and_grow(masks, drop, grow, fraction)
-            return swap_masks(params, opt_state, new_masks)
-
-        return update
+        self._update = _compiled_update(loss_fn, self.regrow)
 
     def is_update_step(self, step: int) -> bool:
         """Whether a mask update follows optimiser step ``step`` (the number of steps done)."""
