@@ -249,8 +249,10 @@ def changed_fraction(first: Any, final: Any) -> float:
 
 def record_fields(exp: Any, cell: Any, start: Any) -> dict:
     """The paradigm's fields of a cell's record: ``prune_at``, ``after``, ``dense_steps_before_pruning``,
-    ``train_epochs`` (of the masked training), ``mask_updates`` and ``mask_changed_fraction`` (0 for a
-    fixed mask; ``start``: the cell's :class:`prospr_jax.experiment.runner.CellStart`)."""
+    ``train_epochs`` (the epochs of the recipe the masked training follows: the fine-tuning epochs for
+    ``after='finetune'``; a start at step K trains the rest of them), ``mask_updates`` and
+    ``mask_changed_fraction`` (0 for a fixed mask). ``start``: the cell's
+    :class:`prospr_jax.experiment.runner.CellStart`."""
     hook = start.mask_updates
     return {
         "prune_at": cell.prune_at,
