@@ -372,17 +372,23 @@ class Trainer:
         batches: Iterable[Batch],
         *,
         on_step: Optional[Callable[[int, dict], None]] = None,
+        after_step: Optional[Callable[[TrainState, Batch], TrainState]] = None,
     ) -> tuple[TrainState, dict]:
         """Run one pass of train steps over ``batches``.
 
         Returns the new state and ``{'loss', 'top1', 'steps'}``: the mean training loss and top-1 of
         the pass (over steps). ``on_step(step, metrics)`` is called after every step with device
-        arrays (a progress bar).
+        arrays (a progress bar). ``after_step(state, batch) -> state`` (optional) may change the state
+        after every step, e.g. a dynamic sparse training mask update
+        (:class:`prospr_jax.methods.MaskUpdater`); it gets the batch as the step took it.
         """
         loss_sum = top1_sum = 0.0
         steps = 0
         for batch in batches:
-            state, metrics = self.train_step(state, self.place_batch({"image": batch["image"], "label": batch["label"]}))
+            placed = self.place_batch({"image": batch["image"], "label": batch["label"]})
+            state, metrics = self.train_step(state, placed)
+            if after_step is not None:
+                state = after_step(state, placed)
             loss_sum = loss_sum + metrics["loss"]
             top1_sum = top1_sum + metrics["top1"]
             steps += 1
