@@ -8,7 +8,8 @@ Tasks (each timed on the same batch in both frameworks; warm, i.e. after compila
 * ``train_step``: one SGD step (momentum 0.9, weight decay 5e-4, BatchNorm in train mode), this
   project's jitted masked step (:class:`prospr_jax.train.Trainer`, dense masks) against
   ``loss.backward(); optimizer.step()``; ``train_step_plain`` is a bare ``jax.jit`` of
-  ``value_and_grad`` + ``optax.sgd`` on the zoo model (no masks).
+  ``value_and_grad`` + ``optax.sgd`` on the zoo model (no masks), compiled with XLA's default
+  options (the other JAX tasks use the project's, :mod:`prospr_jax._src.cpu_options`).
 * ``forward``: logits in eval mode (running BatchNorm statistics; ``torch.no_grad``).
 * ``gradient``: the loss gradient w.r.t. all parameters (BatchNorm in train mode).
 * ``hvp``: a Hessian-vector product, forward-over-reverse in JAX (``jvp`` of ``grad``, what ProsPr
@@ -141,6 +142,7 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
 
     import prospr_jax as pj
     from prospr_jax import models
+    from prospr_jax._src import cpu_options
     from prospr_jax.train import RECIPES, Trainer
 
     model = models.get("resnet20", num_classes=10)
@@ -172,11 +174,14 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), o, stats, loss
 
-    forward = jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False))
-    gradient = jax.jit(jax.grad(loss_fn))
+    # The project's compiler options (those of its train step and ProsPr) for the bare programs too.
+    forward = cpu_options.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False))
+    gradient = cpu_options.jit(jax.grad(loss_fn))
     tangent = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.01), params)
-    hvp = jax.jit(lambda p, v, b: jax.jvp(lambda q: jax.grad(loss_fn)(q, b), (p,), (v,))[1])
-    prospr = jax.jit(lambda p, bs: pj.prospr_scores(loss_fn, p, bs, num_steps=PROSPR_STEPS, lr=LR))
+    hvp = cpu_options.jit(lambda p, v, b: jax.jvp(lambda q: jax.grad(loss_fn)(q, b), (p,), (v,))[1])
+
+    def prospr(p, bs):  # jitted inside, with the project's options
+        return pj.prospr_scores(loss_fn, p, bs, num_steps=PROSPR_STEPS, lr=LR)
 
     block = jax.block_until_ready
     tasks = {
@@ -187,7 +192,8 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
         "hvp": lambda: block(hvp(params, tangent, batch)),
         "prospr": lambda: block(prospr(params, batches)),
     }
-    setup = {"params": params, "batches": batches, "loss": float(loss_fn(params, batch))}
+    setup = {"params": params, "batches": batches, "loss": float(loss_fn(params, batch)),
+             "compiler_options": cpu_options.cpu_compiler_options()}
     return tasks, setup
 
 
@@ -297,7 +303,8 @@ def _worker(args: argparse.Namespace) -> dict:
             "ratio": statistics.median(jax_s) / statistics.median(torch_s), "jax_compile_s": compile_s,
             "repeats": args.repeats,
         })
-    return {"rows": rows, "jax": jax.__version__, "torch": torch.__version__, "loss": setup["loss"]}
+    return {"rows": rows, "jax": jax.__version__, "torch": torch.__version__, "loss": setup["loss"],
+            "compiler_options": setup["compiler_options"]}
 
 
 # --------------------------------------------------------------------------- per-convolution timings
@@ -312,6 +319,8 @@ def _conv_worker(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     from jax import lax
 
+    from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
+
     n = args.batch_size
     rows = []
     for size, c_in, c_out, stride, count in RESNET20_CONVS:
@@ -325,7 +334,11 @@ def _conv_worker(args: argparse.Namespace) -> dict:
         g = jnp.ones_like(conv(x, w))
         fwd = jax.jit(conv)
         d_input = jax.jit(lambda x, w, g: jax.vjp(lambda a: conv(a, w), x)[1](g)[0])
-        d_weight = jax.jit(lambda x, w, g: jax.vjp(lambda b: conv(x, b), w)[1](g)[0])
+        def weight_grad(x, w, g):
+            return jax.vjp(lambda b: conv(x, b), w)[1](g)[0]
+
+        d_weight = jax.jit(weight_grad)
+        d_weight_dots = jax.jit(canonicalize_convs(weight_grad, window_dots=True))
         xt = torch.randn(n, c_in, size, size)
         wt = torch.randn(c_out, c_in, 3, 3) * 0.1
         gt = torch.ones_like(torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1))
@@ -339,6 +352,7 @@ def _conv_worker(args: argparse.Namespace) -> dict:
                         lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)),
             "d_input": (lambda: jax.block_until_ready(d_input(x, w, g)), t_backward([True, False, False])),
             "d_weight": (lambda: jax.block_until_ready(d_weight(x, w, g)), t_backward([False, True, False])),
+            "d_weight_dots": (lambda: jax.block_until_ready(d_weight_dots(x, w, g)), t_backward([False, True, False])),
         }
         row = {"shape": f"{size}x{size} {c_in}->{c_out} s{stride}", "count": count}
         for name, (j, t) in pairs.items():
@@ -367,13 +381,13 @@ def _table(rows: list[dict]) -> str:
 
 def _conv_table(result: dict) -> str:
     head = (f"{'conv (count)':<22} {'fwd JAX':>8} {'fwd PT':>7} {'dx JAX':>7} {'dx PT':>6} "
-            f"{'dw JAX':>7} {'dw PT':>6}   (ms, {result['threads']} thread(s))")
+            f"{'dw JAX':>7} {'dw dots':>8} {'dw PT':>6}   (ms, {result['threads']} thread(s); dots: window matmuls)")
     lines = [head, "-" * len(head)]
     for r in result["conv_rows"]:
         lines.append(
             f"{r['shape'] + ' (' + str(r['count']) + ')':<22} {r['forward_jax_ms']:>8.1f} {r['forward_torch_ms']:>7.1f} "
             f"{r['d_input_jax_ms']:>7.1f} {r['d_input_torch_ms']:>6.1f} {r['d_weight_jax_ms']:>7.1f} "
-            f"{r['d_weight_torch_ms']:>6.1f}"
+            f"{r['d_weight_dots_jax_ms']:>8.1f} {r['d_weight_torch_ms']:>6.1f}"
         )
     return "\n".join(lines)
 
@@ -417,7 +431,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(_conv_table(result), flush=True)
         else:
             print(f"jax {result['jax']}, torch {result['torch']}; ResNet-20, batch {args.batch_size}, "
-                  f"float32, medians of {args.repeats} interleaved repetitions", flush=True)
+                  f"float32, medians of {args.repeats} interleaved repetitions; project compiler options "
+                  f"{result['compiler_options']}", flush=True)
             print(_table(result["rows"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
