@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--tasks", *args.tasks]
         if args.convs:
             cmd.append("--convs")
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         if out.returncode != 0:
             raise RuntimeError(f"worker with {threads} thread(s) failed:\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
