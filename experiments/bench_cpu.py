@@ -117,8 +117,8 @@ def copy_flax_params_into_torch(params: dict, net: Any) -> None:
 
     def conv_bn(conv: Any, bn: Any, p_conv: dict, p_bn: dict) -> None:
         conv.weight.copy_(torch.from_numpy(np.transpose(np.asarray(p_conv["kernel"]), (3, 2, 0, 1)).copy()))
-        bn.weight.copy_(torch.from_numpy(np.asarray(p_bn["scale"])))
-        bn.bias.copy_(torch.from_numpy(np.asarray(p_bn["bias"])))
+        bn.weight.copy_(torch.from_numpy(np.array(p_bn["scale"])))
+        bn.bias.copy_(torch.from_numpy(np.array(p_bn["bias"])))
 
     with torch.no_grad():
         conv_bn(net.conv_stem, net.bn_stem, params["conv_stem"], params["bn_stem"])
@@ -128,7 +128,7 @@ def copy_flax_params_into_torch(params: dict, net: Any) -> None:
             conv_bn(block.conv1, block.bn1, p["conv1"], p["bn1"])
             conv_bn(block.conv2, block.bn2, p["conv2"], p["bn2"])
         net.logits.weight.copy_(torch.from_numpy(np.asarray(params["logits"]["kernel"]).T.copy()))
-        net.logits.bias.copy_(torch.from_numpy(np.asarray(params["logits"]["bias"])))
+        net.logits.bias.copy_(torch.from_numpy(np.array(params["logits"]["bias"])))
 
 
 # --------------------------------------------------------------------------- the tasks

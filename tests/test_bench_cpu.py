@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is the optional benchmark dependency (prospr-jax[bench])")
+# torch.func's first use imports this module, which sets TORCHINDUCTOR_CACHE_DIR: imported here,
+# at collection, so that no test is the one that changed the environment.
+import torch._dynamo.package  # noqa: E402,F401
 
 from experiments import bench_cpu  # noqa: E402
 
@@ -67,11 +70,10 @@ def test_the_pytorch_prospr_scores_are_the_projects(tmp_path):
         g = np.transpose(g, (2, 3, 1, 0)) if g.ndim == 4 else g.T
         # Float32 through 3 steps of lr 0.1 and a second-order backward pass: rounding differences of
         # the two frameworks grow with the curvature along the way (entries near 0 can differ by 1e-2
-        # of the layer's scale), so each layer is compared as a whole, to 3% in relative norm. A wrong
-        # layer, mask or step changes the scores by about 100%.
-        err = np.linalg.norm(g - e) / np.linalg.norm(e)
-        print(f"relative error {err:.2e}")
-        assert err < 3e-2
+        # of the layer's scale; whole layers by about 0.7% in relative norm), so each layer is
+        # compared as a whole, to 2% in relative norm. A wrong layer, mask or step changes the scores
+        # by about 100%.
+        assert np.linalg.norm(g - e) / np.linalg.norm(e) < 2e-2
 
 
 def test_quick_run_prints_ratios(capsys):
