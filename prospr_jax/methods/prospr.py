@@ -30,6 +30,8 @@ Both run as one ``lax.scan`` whatever M is, so the compiled program does not gro
 differentiated program is passed through the convolution rewrite (``prospr_jax._src.jaxpr.canonical_convs``), which
 computes every convolution in channels-last layout: XLA's CPU compiler otherwise runs the
 convolutions of autodiff inside loop bodies in a slow generic form (about 30x slower on ResNet-20).
+On CPU it is compiled with :func:`prospr_jax._src.cpu_options.cpu_compiler_options` (convolutions
+kept out of YNNPACK, whose weight-gradient convolutions are slow).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prospr_jax._src import cpu_options
 from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
 from prospr_jax._src.losses import LossFn
 from prospr_jax._src.masks import scores_on_prunable
@@ -279,11 +282,16 @@ def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: 
     return a
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "static"))
-def _meta_gradient_jit(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
+def _meta_gradient_program(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
     compute = _meta_gradient_unrolled if static.implementation == "unrolled" else _meta_gradient_hvp
     # Convolutions inside the scans in the layout XLA runs fast in loop bodies (see canonical_convs).
     return canonicalize_convs(functools.partial(compute, loss_fn, st=static))(params, batches, hyper)
+
+
+@functools.cache
+def _meta_gradient_jit() -> Any:
+    # Built at the first call, when the backend (and so the CPU compiler options) is known.
+    return cpu_options.jit(_meta_gradient_program, static_argnames=("loss_fn", "static"))
 
 
 def meta_gradient(
@@ -316,7 +324,7 @@ def meta_gradient(
     check_batches(batches, o.num_steps, o.single_batch, o.micro_batches)
     static = _Static(o.num_steps, o.use_momentum, o.first_order, o.detach_first_buffer, o.single_batch,
                      o.implementation, o.remat, o.micro_batches)
-    return _meta_gradient_jit(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
+    return _meta_gradient_jit()(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
 
 
 def prospr_scores(
