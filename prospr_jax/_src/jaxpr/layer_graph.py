@@ -839,7 +839,8 @@ class _Unsupported(Exception):
 def _maps_zero_to_nonzero(e: _Eqn) -> bool:
     """Whether a unary primitive sends 0 to a non-zero value (``exp``, ``logistic``, ``cos``, ...)."""
     try:
-        value = e.prim.bind(np.zeros((), np.float32), **e.params)
+        with jax.ensure_compile_time_eval():
+            value = e.prim.bind(np.zeros((), np.float32), **e.params)
         return bool(np.any(np.asarray(value) != 0))
     except Exception:  # noqa: BLE001 - a primitive that cannot be probed on a scalar: assume it keeps 0
         return False
