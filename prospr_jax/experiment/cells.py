@@ -25,19 +25,22 @@ class Cell:
       method: a registered method name or ``'dense'``.
       sparsity: the sparsity of the prunable weights (0 for ``'dense'``).
       options: the method's options (``prospr_jax.methods.prune`` keyword arguments).
+      granularity: ``'weight'`` (default) or ``'channel'`` (prune channel groups, then compact).
     """
 
     method: str
     sparsity: float
     options: dict
+    granularity: str = "weight"
 
     @property
     def label(self) -> str:
         """The method and its options, e.g. ``prospr[num_steps=1]``."""
+        suffix = "" if self.granularity == "weight" else f"@{self.granularity}"
         if not self.options:
-            return self.method
+            return self.method + suffix
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}[{opts}]"
+        return f"{self.method}[{opts}]{suffix}"
 
     @property
     def name(self) -> str:
@@ -46,8 +49,11 @@ class Cell:
 
     def cell_id(self, config_id: str) -> str:
         """The cell's id within configuration ``config_id``."""
-        return digest({"config": config_id, "method": self.method, "options": self.options,
-                       "sparsity": round(self.sparsity, 9)})
+        fields = {"config": config_id, "method": self.method, "options": self.options,
+                  "sparsity": round(self.sparsity, 9)}
+        if self.granularity != "weight":  # digested only when not the default: today's ids stay
+            fields["granularity"] = self.granularity
+        return digest(fields)
 
     def dirname(self, config_id: str) -> str:
         """The name of the cell's checkpoint directory (ends with its id)."""
@@ -62,7 +68,7 @@ def cells_of(config: RunConfig) -> list[Cell]:
             cells.append(Cell(DENSE, 0.0, {}))
             continue
         for s in config.sparsities:
-            cells.append(Cell(method, float(s), dict(config.method_options.get(method, {}))))
+            cells.append(Cell(method, float(s), dict(config.method_options.get(method, {})), config.granularity))
     return cells
 
 

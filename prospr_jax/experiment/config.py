@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 from prospr_jax import models
 from prospr_jax.experiment.presets import DEFAULT_PRESET, PRESETS, get_preset
 from prospr_jax.experiment.pruning import check_method_options, check_rules, method_names, produces_masks
+from prospr_jax.experiment.structured_cells import check_granularity
 from prospr_jax.train import RECIPES, SCHEDULES, Recipe, get_recipe
 
 DENSE = "dense"
@@ -167,6 +168,9 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
     add("--density-rule", choices=("erk", "lamp"), help="per-layer density rule for score methods")
     add("--scope", choices=("global", "layerwise"), help="ranking scope (default global)")
     add("--min-per-layer", type=_non_negative_int, help="keep at least this many weights per layer (collapse guard)")
+    add("--granularity", choices=("weight", "channel"),
+        help="prune single weights (default) or channel groups; 'channel' also compacts the trained model "
+             "and records its parameters, FLOPs, latency and test accuracy")
     add("--prune-batch-size", type=_positive_int, help="batch size of the scoring batches (default: preset, else --batch-size)")
     add("--prune-augment", action="store_true", default=None, help="augment the scoring batches too (default: no augmentation)")
     add("--recipe", choices=tuple(RECIPES), help="training recipe (prospr: ProsPr code; frankle: Frankle et al.)")
@@ -227,6 +231,7 @@ class RunConfig:
     eval_every: int
     eval_batch_size: int
     preset: str
+    granularity: str = "weight"
 
     def fingerprint_dict(self) -> dict:
         """Everything that determines a cell's result except the method, its options and the sparsity."""
@@ -264,6 +269,7 @@ class RunConfig:
             in_memory=self.in_memory,
             data_dir=self.data_dir,
             cache_dir=self.cache_dir,
+            granularity=self.granularity,
         )
         return out
 
@@ -300,6 +306,7 @@ class RunConfig:
                 eval_every=int(d.get("eval_every", DEFAULT_EVAL_EVERY)),
                 eval_batch_size=int(d.get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)),
                 preset=d["preset"],
+                granularity=d.get("granularity", "weight"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
@@ -382,6 +389,13 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         except (TypeError, ValueError) as e:
             raise UsageError(f"`--methods`: {e}") from None
 
+    granularity = settings.get("granularity") or "weight"
+    try:
+        check_granularity(granularity, methods, density_rule=density_rule, scope=scope,
+                          min_per_layer=min_per_layer, dense=DENSE)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
     recipe_name, recipe = _recipe(settings, preset)
     model = settings.get("model") or preset.model
     model_options = dict(preset.model_options) if model == preset.model else {}
@@ -414,6 +428,7 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         eval_every=DEFAULT_EVAL_EVERY if eval_every is None else eval_every,
         eval_batch_size=settings.get("eval_batch_size") or DEFAULT_EVAL_BATCH_SIZE,
         preset=preset.name,
+        granularity=granularity,
     )
 
 
@@ -453,6 +468,7 @@ def settings_of(config: RunConfig) -> dict[str, Any]:
         "seed": config.seed,
         "eval_every": config.eval_every,
         "eval_batch_size": config.eval_batch_size,
+        "granularity": config.granularity,
     }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from prospr_jax.experiment.structured_report import structured_section
+
 Record = dict[str, Any]
 
 DIVERGED = "diverged"
@@ -93,6 +95,7 @@ def results_markdown(records: Sequence[Record], title: str) -> str:
     return (
         f"# {title}\n\n## Final test top-1 accuracy (%)\n\n{accuracy_table(records)}\n\n"
         f"## Details\n\n{details_table(records)}\n" + (f"\n{notes}\n" if notes else "")
+        + structured_section(records)
     )
 
 
