@@ -11,7 +11,7 @@ import pytest
 import prospr_jax as pj
 from prospr_jax import models
 from prospr_jax.structured import group_mask, model_channel_groups
-from prospr_jax.structured.compact import compact, param_count
+from prospr_jax.structured.compaction import compact, param_count
 
 
 def _perturbed(params, batch_stats, key):
@@ -69,6 +69,11 @@ def test_resnet20_compacts_exactly_and_its_size_is_counted_by_hand():
     _, small_params, small_state = _check_equal(apply_fn, params, state, x, groups, masks, train_too=False)
     assert param_count(small_params) == 269_722 - removed
     assert param_count(small_state) == param_count(state) - 2 * 3 * (8 + 16 + 32)  # bn1 mean and var
+    # Only stage-2 channels that the option-A shortcut pads with zeros (no stage-1 channel behind them):
+    # the whole stage-1 stream is kept and the padded skip must drop them as well.
+    keep = np.ones(groups.num_groups)
+    keep[groups.units[("out", "layer2_block0/conv2/kernel")][[0, 1, 30]]] = 0
+    _check_equal(apply_fn, params, state, x, groups, groups.leaf_masks(keep, params), train_too=False)
 
 
 def test_vgg11_compacts_to_the_size_of_the_narrower_vgg11():

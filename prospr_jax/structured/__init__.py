@@ -4,13 +4,13 @@
   the BatchNorm and bias after a kernel), found by tracing the model;
 * :mod:`~prospr_jax.structured.scores`: one score per channel group (ProsPr, SNIP, filter L1 norm,
   random), global ranking, and the masks that make a dropped channel exactly zero;
-* :mod:`~prospr_jax.structured.compact`: the physically smaller model whose outputs equal the
+* :mod:`~prospr_jax.structured.compaction`: the physically smaller model whose outputs equal the
   masked model's; :mod:`~prospr_jax.structured.measure`: its parameters, FLOPs and latency.
 
 Everything here is core: it needs jax and numpy only (no flax).
 """
 
-from prospr_jax.structured.compact import CompactModel, CompactionError, compact, param_count
+from prospr_jax.structured.compaction import CompactModel, CompactionError, compact, param_count
 from prospr_jax.structured.groups import ChannelGroups, channel_groups, groups_from_trace, model_channel_groups
 from prospr_jax.structured.measure import compaction_effect
 from prospr_jax.structured.scores import (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from prospr_jax._src.flops import compiled_flops, latency_ms
 from prospr_jax._src.tree import PyTree
-from prospr_jax.structured.compact import CompactModel, param_count
+from prospr_jax.structured.compaction import CompactModel, param_count
 
 
 def compaction_effect(
@@ -28,7 +28,7 @@ def compaction_effect(
 
     Args:
       apply_fn, params, state: the dense model ``apply_fn(params, state, x, train)``.
-      model, small_params, small_state: what :func:`prospr_jax.structured.compact.compact` returned.
+      model, small_params, small_state: what :func:`prospr_jax.structured.compact` returned.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       batch_sizes: the batch sizes timed (inference mode, float32 inputs).
       repeats: timed calls per measurement (the median is reported).

@@ -101,6 +101,11 @@ class _Program:
 
     def visit(self, eqn: Any, invals: list) -> list:
         name = eqn.primitive.name
+        if name == "pad" and not isinstance(invals[0], _V) and any(eqn.params["padding_config"][-1][:2]):
+            # Zero channels padded onto a whole value: keep them implicit (they are dropped channels
+            # that are exactly zero), so that a residual sum with pruned channels can drop them too.
+            c = np.shape(invals[0])[-1]
+            invals = [_V(invals[0], np.arange(c), c, True)] + list(invals[1:])
         if not any(isinstance(v, _V) for v in invals):
             if any(isinstance(v, jax.core.Tracer) for v in invals):
                 out = eqn.primitive.bind(*invals, **eqn.params)
