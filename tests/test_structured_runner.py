@@ -5,21 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
-from prospr_jax import experiment
 from prospr_jax.experiment.cells import Cell
+from tests.test_runner import run_main
 
 TINY = ["--model", "lenet300_100", "--subset", "300", "--batch-size", "50", "--no-progress", "--epochs", "1"]
-
-
-def run_main(argv, capsys):
-    try:
-        code = experiment.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_channel_cells_are_compacted_and_recorded(tmp_path, capsys):

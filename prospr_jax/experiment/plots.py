@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from prospr_jax.experiment.structured_report import structured_section
-
 Record = dict[str, Any]
 
 DIVERGED = "diverged"
@@ -91,6 +89,8 @@ def divergence_notes(records: Sequence[Record]) -> str:
 
 def results_markdown(records: Sequence[Record], title: str) -> str:
     """The whole report: title, accuracy pivot, details table and the diverged cells."""
+    from prospr_jax.experiment.structured_report import structured_section  # pylint: disable=import-outside-toplevel
+
     notes = divergence_notes(records)
     return (
         f"# {title}\n\n## Final test top-1 accuracy (%)\n\n{accuracy_table(records)}\n\n"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+from prospr_jax.experiment.plots import DENSE, _fmt_sparsity, _percent
+
 Record = dict[str, Any]
 PLOT_FILE = "accuracy_flops.png"
 
@@ -14,14 +16,10 @@ def _structured(records: Sequence[Record]) -> list[Record]:
     return [r for r in records if r.get("flops_compact") is not None]
 
 
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100.0 * value:.2f}"
-
-
 def structured_table(records: Sequence[Record]) -> str:
     """Markdown, one row per channel cell: accuracy of the masked and the compact model, parameters,
     FLOPs per example and latency (ms, inference) of the dense and the compact model; ``''`` if none."""
-    rows = sorted(_structured(records), key=lambda r: (r["label"] != "dense", r["label"], r["sparsity"]))
+    rows = sorted(_structured(records), key=lambda r: (r["label"] != DENSE, r["label"], r["sparsity"]))
     if not rows:
         return ""
     batch = rows[0].get("latency_batch", 128)
@@ -33,7 +31,8 @@ def structured_table(records: Sequence[Record]) -> str:
     for r in rows:
         b1 = (r.get("latency_ms_by_batch") or {}).get("1", {})
         lines.append(
-            f"| {r['label']} | {100 * r['sparsity']:g}% | {_pct(r.get('test_top1'))} | {_pct(r.get('test_top1_compact'))} | "
+            f"| {r['label']} | {_fmt_sparsity(r['sparsity'])} | {_percent(r.get('test_top1'))} | "
+            f"{_percent(r.get('test_top1_compact'))} | "
             f"{r['params_compact']:,} / {r['params_dense']:,} | {r['flops_compact']:.3g} | "
             f"{100 * r['flops_compact'] / r['flops_dense']:.1f}% | "
             f"{r['latency_ms_dense']:.2f} -> {r['latency_ms_compact']:.2f} | "
@@ -65,7 +64,7 @@ def plot_accuracy_vs_flops(records: Sequence[Record], path: str | os.PathLike, t
         mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["flops_compact"])
         xs = [r["flops_compact"] for r in mine]
         ys = [100.0 * r["test_top1_compact"] for r in mine]
-        if label == "dense":
+        if label == DENSE:
             ax.scatter(xs, ys, marker="*", s=120, color="black", label="dense", zorder=3)
         else:
             ax.plot(xs, ys, marker="o", label=label)
