@@ -69,6 +69,10 @@ def test_resnet20_compacts_exactly_and_its_size_is_counted_by_hand():
     _, small_params, small_state = _check_equal(apply_fn, params, state, x, groups, masks, train_too=False)
     assert param_count(small_params) == 269_722 - removed
     assert param_count(small_state) == param_count(state) - 2 * 3 * (8 + 16 + 32)  # bn1 mean and var
+    # Nothing dropped: the compact model is the dense model (the padded shortcut meets whole values).
+    _, everything, _ = _check_equal(apply_fn, params, state, x, groups,
+                                    groups.leaf_masks(np.ones(groups.num_groups), params), train_too=False)
+    assert param_count(everything) == 269_722
     # Only stage-2 channels that the option-A shortcut pads with zeros (no stage-1 channel behind them):
     # the whole stage-1 stream is kept and the padded skip must drop them as well.
     keep = np.ones(groups.num_groups)

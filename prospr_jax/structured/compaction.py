@@ -180,7 +180,16 @@ class _Program:
         name = eqn.primitive.name
         c = out_aval.shape[-1] if out_aval.shape else 1
         chans = [v.chan for v in invals if isinstance(v, _V)]
+        for k, v in enumerate(invals):
+            # A whole per-channel operand holds every channel, unless it only scales (a factor keeps
+            # a dropped channel at zero).
+            factor = name == "mul" or (name == "div" and k == 1)
+            shape = np.shape(v)
+            if not isinstance(v, _V) and not factor and len(shape) == len(out_aval.shape) and len(shape) and shape[-1] == c > 1:
+                chans.append(np.arange(c))
         target = np.unique(np.concatenate(chans)) if chans else None
+        if target is not None and len(target) == c and not any(isinstance(v, _V) and v.rows is not None for v in invals):
+            target = np.arange(c)
         args = []
         for v in invals:
             if isinstance(v, _V):
