@@ -36,6 +36,7 @@ class Cell:
       prune_at: when the mask is scored: ``'init'`` (default), ``'step:K'`` or ``'end'``
         (:mod:`prospr_jax.experiment.paradigms`).
       after: what training starts from after pruning: ``'rewind'`` (default), ``'finetune'`` or ``'reinit'``.
+      granularity: ``'weight'`` (default) or ``'channel'`` (prune channel groups, then compact).
     """
 
     method: str
@@ -45,12 +46,13 @@ class Cell:
     ablation: Optional[str] = None
     prune_at: str = "init"
     after: str = "rewind"
+    granularity: str = "weight"
 
     @property
     def label(self) -> str:
-        """The method, its options, its paradigm when not the default and the ablation, e.g.
-        ``prospr[num_steps=1]``, ``magnitude@end+finetune`` or ``snip (shuffle)``; the seed is not part
-        of it (the table groups a label's seeds)."""
+        """The method, its options, its paradigm and granularity when not the default and the
+        ablation, e.g. ``prospr[num_steps=1]``, ``magnitude@end+finetune``, ``snip@channel`` or
+        ``snip (shuffle)``; the seed is not part of it (the table groups a label's seeds)."""
         label = self.method
         if self.options:
             label += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
@@ -58,6 +60,8 @@ class Cell:
             label += f"@{self.prune_at}"
         if self.after != "rewind":
             label += f"+{self.after}"
+        if self.granularity != "weight":
+            label += f"@{self.granularity}"
         return label if self.ablation is None else f"{label} ({self.ablation})"
 
     @property
@@ -75,7 +79,8 @@ class Cell:
         fields = {"config": config_id, "method": self.method, "options": self.options,
                   "sparsity": round(self.sparsity, 9)}
         # Fields digested only when they differ from their default: today's cells keep their ids.
-        for name, default in (("seed", None), ("ablation", None), ("prune_at", "init"), ("after", "rewind")):
+        for name, default in (("seed", None), ("ablation", None), ("prune_at", "init"), ("after", "rewind"),
+                              ("granularity", "weight")):
             if getattr(self, name) != default:
                 fields[name] = getattr(self, name)
         return digest(fields)
@@ -100,7 +105,7 @@ def cells_of(config: RunConfig) -> list[Cell]:
                 continue
             options = dict(config.method_options.get(method, {}))
             for s in config.sparsities:
-                paradigm = dict(prune_at=config.prune_at, after=config.after)
+                paradigm = dict(prune_at=config.prune_at, after=config.after, granularity=config.granularity)
                 cells.append(Cell(method, float(s), options, seed, **paradigm))
                 cells += [Cell(method, float(s), options, seed, a, **paradigm)
                           for a in config.ablations if applies(a, method)]

@@ -21,6 +21,7 @@ from prospr_jax.experiment.ablations import ABLATIONS, check_ablations
 from prospr_jax.experiment import paradigms
 from prospr_jax.experiment.presets import DEFAULT_PRESET, PRESETS, get_preset
 from prospr_jax.experiment.pruning import check_method_options, check_rules, method_names, produces_masks
+from prospr_jax.experiment.structured_cells import check_granularity
 from prospr_jax.train import RECIPES, SCHEDULES, Recipe, get_recipe
 
 DENSE = "dense"
@@ -33,7 +34,8 @@ RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imp
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
-CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps", "seeds", "ablations", "prune_at", "after")
+CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps", "seeds", "ablations", "prune_at", "after",
+                 "granularity")
 
 
 class UsageError(ValueError):
@@ -184,6 +186,9 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
              "finetune (the trained weights, --finetune-epochs at --finetune-lr) or reinit (new random weights)")
     add("--finetune-epochs", type=_positive_int, metavar="N", help="epochs of --after finetune (default: the recipe's epochs)")
     add("--finetune-lr", type=_positive_float, metavar="LR", help="constant learning rate of --after finetune (default: 0.1 x --lr)")
+    add("--granularity", choices=("weight", "channel"),
+        help="prune single weights (default) or channel groups; 'channel' also compacts the trained model "
+             "and records its parameters, FLOPs, latency and test accuracy")
     add("--prune-batch-size", type=_positive_int, help="batch size of the scoring batches (default: preset, else --batch-size)")
     add("--prune-augment", action="store_true", default=None, help="augment the scoring batches too (default: no augmentation)")
     add("--recipe", choices=tuple(RECIPES), help="training recipe (prospr: ProsPr code; frankle: Frankle et al.)")
@@ -257,6 +262,7 @@ class RunConfig:
     after: str = paradigms.AFTER_DEFAULT
     finetune_epochs: Optional[int] = None
     finetune_lr: Optional[float] = None
+    granularity: str = "weight"
 
     @property
     def cell_seeds(self) -> tuple[int, ...]:
@@ -309,6 +315,7 @@ class RunConfig:
             after=self.after,
             finetune_epochs=self.finetune_epochs,
             finetune_lr=self.finetune_lr,
+            granularity=self.granularity,
         )
         return out
 
@@ -351,6 +358,7 @@ class RunConfig:
                 after=d.get("after", paradigms.AFTER_DEFAULT),
                 finetune_epochs=d.get("finetune_epochs"),
                 finetune_lr=d.get("finetune_lr"),
+                granularity=d.get("granularity", "weight"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
@@ -433,6 +441,13 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         except (TypeError, ValueError) as e:
             raise UsageError(f"`--methods`: {e}") from None
 
+    granularity = settings.get("granularity") or "weight"
+    try:
+        check_granularity(granularity, methods, density_rule=density_rule, scope=scope,
+                          min_per_layer=min_per_layer, dense=DENSE)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
     recipe_name, recipe = _recipe(settings, preset)
     prune_at = settings.get("prune_at") or paradigms.PRUNE_AT_DEFAULT
     after = settings.get("after") or paradigms.AFTER_DEFAULT
@@ -461,6 +476,10 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         check_ablations(ablations, pruners, density_rule=density_rule, prune_at=prune_at, after=after)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if granularity != "weight" and (ablations or (prune_at, after) != ("init", "rewind")):
+        raise UsageError(f"`--granularity {granularity}` prunes at initialisation and rewinds; it cannot be combined "
+                         "with `--ablations`, `--prune-at` or `--after` (channel ablations and paradigms are not "
+                         "implemented)")
     eval_every = settings.get("eval_every")
     return RunConfig(
         dataset=dataset,
@@ -491,6 +510,7 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         after=after,
         finetune_epochs=finetune_epochs,
         finetune_lr=finetune_lr,
+        granularity=granularity,
     )
 
 
@@ -536,6 +556,7 @@ def settings_of(config: RunConfig) -> dict[str, Any]:
         "after": config.after,
         "finetune_epochs": config.finetune_epochs,
         "finetune_lr": config.finetune_lr,
+        "granularity": config.granularity,
     }
 
 

@@ -112,8 +112,10 @@ def divergence_notes(records: Sequence[Record]) -> str:
 
 
 def results_markdown(records: Sequence[Record], title: str) -> str:
-    """The whole report: title, accuracy pivot (with its notes), details table, the diverged cells and
-    the effective sparsity and cost table."""
+    """The whole report: title, accuracy pivot (with its notes), details table, the diverged cells, the
+    effective sparsity and cost table and, for channel cells, the structured section."""
+    from prospr_jax.experiment.structured_report import structured_section  # pylint: disable=import-outside-toplevel
+
     notes = divergence_notes(records)
     about = accuracy_notes(records)
     cost = cost_table(records, _labels_in_order(records))
@@ -122,6 +124,7 @@ def results_markdown(records: Sequence[Record], title: str) -> str:
         + (f"{about}\n\n" if about else "")
         + f"## Details\n\n{details_table(records)}\n" + (f"\n{notes}\n" if notes else "")
         + (f"\n## Effective sparsity and cost (per example; means over seeds)\n\n{cost}\n" if cost else "")
+        + structured_section(records)
     )
 
 

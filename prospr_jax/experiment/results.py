@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from prospr_jax.experiment import plots
+from prospr_jax.experiment import plots, structured_report
 
 RESULTS_FILE = "results.jsonl"
 TABLE_FILE = "results.md"
@@ -135,6 +135,7 @@ def write_report(out: str, records: Sequence[dict], title: str) -> tuple[str, st
         f.write(text)
     os.replace(tmp, md_path)
     png_path = plots.plot_accuracy(records, os.path.join(out, PLOT_FILE), title)
+    structured_report.plot_accuracy_vs_flops(records, os.path.join(out, structured_report.PLOT_FILE), title)
     return text, md_path, png_path
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
-from prospr_jax.experiment import metrics, paradigms, pruning
+from prospr_jax.experiment import metrics, paradigms, pruning, structured_cells
 from prospr_jax.experiment.ablations import ablate
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
@@ -201,6 +201,8 @@ class Experiment:
             masks = dense_masks(self.params0, self.problem().prunable_tree())
             return PruneResult(masks=masks, start_params=self.params0, method=DENSE)
         cfg = self.config
+        if cell.granularity == structured_cells.CHANNEL:
+            return structured_cells.prune_cell(self.problem(), cell.method, cell.sparsity, cell.options)
         result, reused = self.scores.prune(
             cell.method, paradigms.scoring_problem(self, cell), cell.sparsity, density_rule=cfg.density_rule,
             scope=cfg.scope, min_per_layer=cfg.min_per_layer, options=cell.options, invert=cell.ablation == "invert",
@@ -451,6 +453,11 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
         history, seconds, diverged = train_cell(exp, cell, start, ckpt)
         record = cell_record(exp, cell, start, history, seconds, diverged)
         record.update(paradigms.record_fields(exp, cell, start))
+        if exp.config.granularity == structured_cells.CHANNEL and not diverged:
+            step = ckpt.latest_step()
+            target = exp.trainer.init(exp.params0, exp.batch_stats0, start.masks, rng=_train_rng(exp))
+            trained = ckpt.restore(step, {"state": target})[0]["state"]
+            record.update(structured_cells.compaction_record(exp, start.masks, trained))
         if is_main():
             append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:

@@ -290,6 +290,10 @@ class LayerTrace:
         them; lookahead's norms do not.
       out_shapes: each kernel's output activation shape in the trace (batch first, channels last),
         e.g. ``(N, H', W', C_out)`` of a conv: the positions a kernel is applied at (FLOP counts).
+      channel_links: the channel couplings structured pruning needs (see :class:`ChannelLink`):
+        the operands of every residual sum, the per-channel parameters and statistics applied to
+        each kernel's output, the kernel input rows each channel feeds, and (with
+        ``outputs=True``) the model outputs.
     """
 
     layers: tuple[str, ...]
@@ -300,9 +304,34 @@ class LayerTrace:
     batch_stat_layers: tuple[str, ...]
     skip_sources: tuple[Edge, ...] = ()
     out_shapes: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    channel_links: tuple["ChannelLink", ...] = ()
 
     def graph(self, scored: Sequence[str]) -> LayerGraph:
         return LayerGraph(self.layers, tuple(scored), self.edges, "traced")
+
+
+LINK_KINDS = ("out", "in", "param", "state", "input", "output", "alive")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelLink:
+    """Units that are one channel of one value: at channel position ``c`` every member ``(kind,
+    name, index)`` with ``index[c] >= 0`` names the same channel, so they live or die together.
+
+    Member kinds: ``'out'`` (output channel ``index[c]`` of kernel ``name``), ``'in'`` (input row
+    of kernel ``name``), ``'param'`` / ``'state'`` (entry of a per-channel leaf such as a bias, a
+    BatchNorm scale/shift or a running statistic), ``'input'`` (channel of model input ``name``),
+    ``'output'`` (channel of model output ``name``) and ``'alive'`` (something makes the channel
+    non-zero whatever the kernels do, e.g. ``exp`` or an additive constant; ``name`` says what).
+    """
+
+    members: tuple[tuple[str, Any, np.ndarray], ...]
+    where: str
+
+    def __post_init__(self):
+        for kind, _, _ in self.members:
+            if kind not in LINK_KINDS:
+                raise ValueError(f"link member kind must be one of {LINK_KINDS}, got {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +349,7 @@ class _Flow:
     skip_fork: Optional[int] = None
     ancestors: frozenset = frozenset()  # forks this value depends on
     stat_scaled: bool = False
+    alive: Optional[str] = None  # why a channel of zero kernels is not zero here (exp, + constant, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +372,7 @@ class _FlatJaxpr:
         self.shapes: list[tuple] = []
         self.origin: list[tuple] = []  # ('param', name) ('state',) ('input', i) ('const', value) ('eqn', i)
         self.eqns: list[_Eqn] = []
+        self.outs: list[int] = []
 
     def node(self, shape: tuple, origin: tuple) -> int:
         self.shapes.append(tuple(shape))
@@ -364,15 +395,17 @@ class _FlatJaxpr:
             g.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), args, outs))
             return outs
 
-        walk(jaxpr, [g.const(c) for c in closed.consts], ins, visit, literal=g.const, const=g.const)
+        g.outs = walk(jaxpr, [g.const(c) for c in closed.consts], ins, visit, literal=g.const, const=g.const)
         return g
 
 
 class _Tracer:
     """Follows activations through a flat jaxpr (see the module docstring)."""
 
-    def __init__(self, g: _FlatJaxpr, values: Mapping[int, Any]):
+    def __init__(self, g: _FlatJaxpr, values: Mapping[int, Any], outputs: bool = False):
         self.g = g
+        self.outputs = outputs
+        self.links: list[ChannelLink] = []
         self.values: dict[int, Any] = dict(values)
         self.kind = self._kinds()
         self.kernel_of = self._kernel_products()
@@ -428,6 +461,8 @@ class _Tracer:
 
     def _liveness(self) -> set:
         g, live = self.g, set()
+        if self.outputs:
+            live.update(n for n in g.outs if self.kind[n] == "act")
         for i in reversed(range(len(g.eqns))):
             e = g.eqns[i]
             if i in self.kernel_of:
@@ -438,6 +473,10 @@ class _Tracer:
 
     def _use_counts(self) -> dict[int, int]:
         uses: dict[int, int] = {}
+        if self.outputs:
+            for n in self.g.outs:
+                if n in self.live:
+                    uses[n] = uses.get(n, 0) + 1
         for i, e in enumerate(self.g.eqns):
             if i in self.kernel_of:
                 uses[e.ins[0]] = uses.get(e.ins[0], 0) + 1
@@ -544,6 +583,82 @@ class _Tracer:
             for n, f in zip(e.outs, outs):
                 if n in self.live:
                     self._set(n, f)
+        if self.outputs:
+            for k, n in enumerate(g.outs):
+                flow = self.flows.get(n)
+                if isinstance(flow, _Flow) and len(g.shapes[n]) >= 1:
+                    self._link(f"model output {k}", flow.terms, [("output", k, np.arange(_channels(g.shapes[n])))])
+
+    # -- channel links (structured pruning) --------------------------------------------------
+
+    def _resolve(self, terms: tuple) -> list:
+        """``terms`` with every identity view of a fork replaced by the terms that produced the fork."""
+        out = []
+        for t in terms:
+            if t.origin[0] != "identity":
+                out.append(t)
+                continue
+            ok = t.idx >= 0
+            pos = np.where(ok, t.idx, 0)
+            for u in self._resolve(self.fork_terms[t.origin[1]]):
+                idx = np.where(ok, u.idx[pos], -1)
+                if np.any(idx >= 0):
+                    out.append(_Term(u.origin, idx, u.scale[pos]))
+        return out
+
+    def _link(self, where: str, terms: tuple, extra: Sequence[tuple] = ()) -> None:
+        members = list(extra)
+        for t in self._resolve(terms):
+            kind = "out" if t.origin[0] == "kernel" else "input"
+            members.append((kind, t.origin[1], np.asarray(t.idx, np.int64)))
+        if len(members) > 1 or any(m[0] == "alive" for m in members):
+            self.links.append(ChannelLink(tuple(members), where))
+
+    def _leaves_of(self, node: int) -> list[tuple[str, str, int]]:
+        """``(kind, name, size)`` of the parameter / state leaves a non-activation value is computed
+        from (not looking through activations)."""
+        g, found, seen, stack = self.g, [], set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen or self.kind[n] in ("act", "const"):
+                continue
+            seen.add(n)
+            origin = g.origin[n]
+            if origin[0] in ("param", "state"):
+                found.append((origin[0], origin[1], int(np.prod(g.shapes[n], dtype=np.int64))))
+            elif origin[0] == "eqn":
+                stack.extend(g.eqns[origin[1]].ins)
+        return found
+
+    def _link_operands(self, e: _Eqn, others: list, out: _Flow, out_shape: tuple) -> Optional[str]:
+        """Link the per-channel leaves among the non-activation operands of an elementwise op to
+        ``out``'s channels, and return whether a channel whose kernels are zero is non-zero after
+        it (``out.alive`` updated: a non-zero constant or running statistic added makes it alive,
+        a factor from a per-channel parameter, which a dead channel's mask zeroes, makes it dead)."""
+        name, c = e.prim.name, _channels(out_shape)
+        alive = out.alive
+        for k in others:
+            n = e.ins[k]
+            multiplier = name == "mul" or (name == "div" and k == 1)
+            if self.kind[n] == "const":
+                value = np.asarray(self.g.origin[n][1])
+                if not multiplier and value.dtype.kind in "biuf" and np.any(value != 0):
+                    alive = f"primitive '{name}' with a non-zero constant"
+                continue
+            members, masked = [], False
+            for kind, leaf, size in self._leaves_of(n):
+                if size == c and c > 1:
+                    members.append((kind, leaf, np.arange(c)))
+                    masked = masked or kind == "param"
+                elif not multiplier:
+                    alive = f"primitive '{name}' with {kind} leaf {leaf!r} that is not per channel"
+            if members:
+                self._link(f"primitive '{name}'", out.terms, members)
+            if multiplier and masked:
+                alive = None
+            elif not multiplier and any(m[0] == "state" for m in members):
+                alive = f"primitive '{name}' with a running statistic"
+        return alive
 
     def _set(self, node: int, flow: Any) -> None:
         if isinstance(flow, _Flow) and self.uses.get(node, 0) >= 2:
@@ -589,6 +704,9 @@ class _Tracer:
             if lhs.stat_scaled:
                 self.batch_stat_layers.append(name)
             self._record_own(lhs.terms)
+            units = np.arange(_channels(self.g.shapes[e.ins[0]]))
+            extra = [("in", name, units)] + ([("alive", lhs.alive, units)] if lhs.alive else [])
+            self._link(f"input of kernel {name!r}", lhs.terms, extra)
             for t in lhs.terms:
                 kind = {"kernel": "weight", "input": "input", "identity": "identity"}[t.origin[0]]
                 src = t.origin[1] if kind == "weight" else None
@@ -623,7 +741,10 @@ class _Tracer:
         if name in _JUNCTIONS | _SCALINGS | _ELEMENTWISE:
             return [self._elementwise(e, act_pos, flows, out_shape)]
         if name in _UNARY:
-            return [_same(flows[0], out_shape)]
+            out = _same(flows[0], out_shape)
+            if _maps_zero_to_nonzero(e):
+                out = dataclasses.replace(out, alive=f"primitive '{name}' (it maps 0 to a non-zero value)")
+            return [out]
         if len(act_pos) != 1 and name != "concatenate":
             raise _Unsupported(f"primitive '{name}' combines {len(act_pos)} activations")
         if name == "concatenate":
@@ -658,6 +779,11 @@ class _Tracer:
                 with np.errstate(divide="ignore"):
                     vec = 1.0 / vec if name == "div" else vec
                 scale = vec if scale is None else scale * vec
+        if name == "mul" or (name == "div" and act_pos == [0]):
+            alive = next((f.alive for f in fitted if f.alive is None), fitted[0].alive)  # 0 * anything = 0
+        else:
+            alive = next((f.alive for f in fitted if f.alive is not None), None)
+        fitted = [dataclasses.replace(f, alive=alive) for f in fitted]
         if len(fitted) == 1:
             out = _same(fitted[0], out_shape)
         elif all(_equivalent(fitted[0], f) for f in fitted[1:]):
@@ -675,6 +801,7 @@ class _Tracer:
             out = self._junction(fitted[0], fitted[1], out_shape)
         else:
             raise _Unsupported(f"primitive '{name}' of two different activations")
+        out = dataclasses.replace(out, alive=self._link_operands(e, others, out, out_shape))
         if scale is not None:
             out = _scaled(out, scale)
         if stat:
@@ -682,6 +809,7 @@ class _Tracer:
         return out
 
     def _junction(self, a: _Flow, b: _Flow, out_shape: tuple) -> _Flow:
+        self._link("residual sum", a.terms + b.terms)
         terms: list = []
         for x, other in ((a, b), (b, a)):
             if x.skip is not None and x.skip_fork in other.ancestors:
@@ -691,7 +819,8 @@ class _Tracer:
                 self._record_own(x.terms)
                 terms.extend(x.terms)
         return _Flow(
-            tuple(terms), out_shape, ancestors=a.ancestors | b.ancestors, stat_scaled=a.stat_scaled or b.stat_scaled
+            tuple(terms), out_shape, ancestors=a.ancestors | b.ancestors, stat_scaled=a.stat_scaled or b.stat_scaled,
+            alive=a.alive or b.alive,
         )
 
     def _record_identity_out(self, fork: int, skip: tuple) -> None:
@@ -718,7 +847,7 @@ class _Tracer:
                 raise _Unsupported("primitive 'concatenate' of different activations along a spatial axis")
             return dataclasses.replace(acts[0], shape=out_shape, skip=None, skip_fork=None)
         total, offset, terms = out_shape[-1], 0, []
-        ancestors, stat = frozenset(), False
+        ancestors, stat, alive = frozenset(), False, None
         for f, shape in flows:
             width = shape[-1]
             if f is not None:
@@ -727,12 +856,23 @@ class _Tracer:
                 terms.extend(_reindex_terms(f.terms, take))
                 ancestors |= f.ancestors
                 stat = stat or f.stat_scaled
+                alive = alive or f.alive
             offset += width
-        return _Flow(tuple(terms), out_shape, ancestors=ancestors, stat_scaled=stat)
+        return _Flow(tuple(terms), out_shape, ancestors=ancestors, stat_scaled=stat, alive=alive)
 
 
 class _Unsupported(Exception):
     pass
+
+
+def _maps_zero_to_nonzero(e: _Eqn) -> bool:
+    """Whether a unary primitive sends 0 to a non-zero value (``exp``, ``logistic``, ``cos``, ...)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            value = e.prim.bind(np.zeros((), np.float32), **e.params)
+        return bool(np.any(np.asarray(value) != 0))
+    except Exception:  # noqa: BLE001 - a primitive that cannot be probed on a scalar: assume it keeps 0
+        return False
 
 
 def _channels(shape: tuple) -> int:
@@ -941,7 +1081,8 @@ _SHAPE_OPS: dict[str, Callable] = {
 
 
 def trace_layer_graph(
-    fn: Callable[[PyTree, PyTree, PyTree], Any], params: PyTree, state: PyTree, inputs: PyTree
+    fn: Callable[[PyTree, PyTree, PyTree], Any], params: PyTree, state: PyTree, inputs: PyTree, *,
+    outputs: bool = False,
 ) -> LayerTrace:
     """Trace ``fn(params, state, inputs)`` and return the layer graph of its Conv/Dense kernels.
 
@@ -956,16 +1097,20 @@ def trace_layer_graph(
       inputs: the model inputs (arrays or ``jax.ShapeDtypeStruct``; only shapes are used). Every
         leaf is an activation with the batch on axis 0 and channels on the last axis.
 
+      outputs: also follow the activations to ``fn``'s outputs and record which channels reach them
+        (``'output'`` members of :attr:`LayerTrace.channel_links`).
+
     Returns:
       A :class:`LayerTrace`; its ``unsupported`` entries name what could not be followed.
     """
     param_leaves = named_leaves(params)
-    state_leaves = jax.tree_util.tree_leaves(state)
+    state_named = named_leaves(state)
+    state_leaves = [leaf for _, leaf in state_named]
     input_leaves = jax.tree_util.tree_leaves(inputs)
     closed = jax.make_jaxpr(fn)(abstract(params), abstract(state), abstract(inputs))
     origins = (
         [("param", name) for name, _ in param_leaves]
-        + [("state",)] * len(state_leaves)
+        + [("state", name) for name, _ in state_named]
         + [("input", i) for i in range(len(input_leaves))]
     )
     g = _FlatJaxpr.build(closed, origins)
@@ -974,7 +1119,7 @@ def trace_layer_graph(
         values[n] = leaf
     for k, leaf in enumerate(state_leaves):
         values[len(param_leaves) + k] = leaf
-    tracer = _Tracer(g, values)
+    tracer = _Tracer(g, values, outputs=outputs)
     tracer.run()
     return LayerTrace(
         layers=tuple(tracer.layers),
@@ -985,7 +1130,8 @@ def trace_layer_graph(
         batch_stat_layers=tuple(tracer.batch_stat_layers),
         skip_sources=tuple(tracer.skip_sources),
         out_shapes=dict(tracer.out_shapes),
+        channel_links=tuple(tracer.links),
     )
 
 
-__all__ = ["Edge", "LayerGraph", "LayerTrace", "trace_layer_graph", "unit_map"]
+__all__ = ["ChannelLink", "Edge", "LayerGraph", "LayerTrace", "trace_layer_graph", "unit_map"]

@@ -1,0 +1,59 @@
+"""What compaction buys: parameters, FLOPs (XLA's cost analysis) and latency, dense vs compact."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from prospr_jax._src.flops import compiled_flops, latency_ms
+from prospr_jax._src.tree import PyTree
+from prospr_jax.structured.compaction import CompactModel, param_count
+
+
+def compaction_effect(
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    state: PyTree,
+    model: CompactModel,
+    small_params: PyTree,
+    small_state: PyTree,
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 128),
+    repeats: int = 10,
+) -> dict[str, Any]:
+    """Parameter counts, FLOPs per example and inference latency of the dense and the compact model.
+
+    Args:
+      apply_fn, params, state: the dense model ``apply_fn(params, state, x, train)``.
+      model, small_params, small_state: what :func:`prospr_jax.structured.compact` returned.
+      input_shape: one example's shape, e.g. ``(32, 32, 3)``.
+      batch_sizes: the batch sizes timed (inference mode, float32 inputs).
+      repeats: timed calls per measurement (the median is reported).
+
+    Returns:
+      ``{'params_dense', 'params_compact', 'flops_dense', 'flops_compact'`` (per example, from the
+      compiled batch-1 forward pass), ``'latency_ms': {batch: {'dense', 'compact'}}}``.
+    """
+    dense = lambda p, s, x: apply_fn(p, s, x, False)  # noqa: E731
+    small = lambda p, s, x: model.apply(p, s, x, False)  # noqa: E731
+    one = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    out = {
+        "params_dense": param_count(params),
+        "params_compact": param_count(small_params),
+        "flops_dense": compiled_flops(dense, params, state, one),
+        "flops_compact": compiled_flops(small, small_params, small_state, one),
+        "latency_ms": {},
+    }
+    for b in batch_sizes:
+        x = jnp.ones((int(b), *input_shape), jnp.float32)
+        out["latency_ms"][int(b)] = {
+            "dense": latency_ms(dense, params, state, x, repeats=repeats),
+            "compact": latency_ms(small, small_params, small_state, x, repeats=repeats),
+        }
+    return out
+
+
+__all__ = ["compaction_effect"]
