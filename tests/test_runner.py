@@ -467,14 +467,11 @@ def test_leftovers_of_a_run_are_not_discarded_without_restart(reference, tmp_pat
 
 def test_resume_alone_reloads_the_stored_run_and_names_the_differing_settings(reference, capsys):
     out = reference[0]
-    # --keep-checkpoints (a run flag, not a setting): the module's other tests read the reference's
-    # checkpoints, which a resume without it removes for finished cells.
-    code, stdout, err = run_main(["--out", str(out), "--resume", "--no-progress", "--keep-checkpoints"], capsys)
+    code, stdout, err = run_main(["--out", str(out), "--resume", "--no-progress"], capsys)
     assert code == 0, err
     assert stdout.count("already in results.jsonl: skipped") == 5
     # Flags that agree with the stored run are fine.
-    code, stdout, _ = run_main(["--out", str(out), "--resume", "--epochs", "6", "--seed", "3", "--no-progress",
-                                "--keep-checkpoints"], capsys)
+    code, stdout, _ = run_main(["--out", str(out), "--resume", "--epochs", "6", "--seed", "3", "--no-progress"], capsys)
     assert code == 0 and stdout.count("skipped") == 5
     code, _, err = run_main(["--out", str(out), "--resume", "--epochs", "3", "--seed", "4", "--lr", "0.05"], capsys)
     assert code == 2
