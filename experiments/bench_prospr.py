@@ -1,15 +1,24 @@
 """Benchmark ProsPr scoring against plain SGD steps: time, compile time and memory.
 
-    python -m experiments.bench_prospr [--model resnet20] [--batch-size 128]
+    python -m experiments.bench_prospr [--model resnet20] [--batch-size 128] [--image-size 32]
         [--num-steps 0 1 3 5 10] [--implementations hvp unrolled unrolled_remat] [--repeats 3]
+        [--micro-batches 1] [--compile-only]
 
 For each implementation and number of inner steps M it prints: scoring time (compiled, median of
 ``--repeats`` runs), the time of M + 1 plain SGD training steps of the same model and batch size
 (measured in the same process, right before), their ratio, trace+compile time, the compiled
 executable's memory analysis (XLA temp buffers + arguments + outputs) and the process's peak RSS.
 Each (implementation, M) runs in its own subprocess so that peak RSS belongs to that configuration
-alone. Data are synthetic CIFAR-shaped batches: timing does not depend on pixel values. No
-assertions: figures only.
+alone. Data are synthetic batches of ``--image-size`` square RGB images: timing does not depend on
+pixel values. No assertions: figures only.
+
+``--compile-only`` lowers and compiles the scoring program on abstract inputs (no batch is ever
+materialised) and reports trace+compile time and XLA's memory analysis: the peak memory a device
+needs, measurable on a CPU for an accelerator-sized problem, e.g. full second-order ProsPr for
+ResNet-50 at 224x224, batch 128, M = 3::
+
+    python -m experiments.bench_prospr --model resnet50 --image-size 224 --num-classes 1000 \
+        --num-steps 3 --implementations hvp --compile-only --micro-batches 1 4 16
 """
 
 from __future__ import annotations
@@ -36,14 +45,32 @@ def _worker(args: argparse.Namespace) -> dict:
     import prospr_jax as pj
     from prospr_jax import models
 
-    model = models.get(args.model, num_classes=10)
-    params, batch_stats = models.init(model, jax.random.key(0), (1, 32, 32, 3))
+    size, classes = args.image_size, args.num_classes
+    model = models.get(args.model, num_classes=classes)
+    params, batch_stats = models.init(model, jax.random.key(0), (1, size, size, 3))
     loss_fn = models.make_loss_fn(model, batch_stats, train=True)
-    m = args.worker_num_steps
+    m, micro = args.worker_num_steps, args.worker_micro_batches
+    impl, remat = {"hvp": ("hvp", False), "unrolled": ("unrolled", False), "unrolled_remat": ("unrolled", True)}[
+        args.worker_implementation
+    ]
+    score = jax.jit(
+        lambda p, b: pj.prospr_scores(loss_fn, p, b, num_steps=m, lr=0.1, implementation=impl, remat=remat,
+                                      micro_batches=micro)
+    )
+    row = {"implementation": args.worker_implementation, "num_steps": m, "micro_batches": micro}
+    if args.compile_only:
+        shapes = {
+            "image": jax.ShapeDtypeStruct((m + 1, args.batch_size, size, size, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((m + 1, args.batch_size), jnp.int32),
+        }
+        start = time.perf_counter()
+        compiled = score.lower(params, shapes).compile()
+        return {**row, "compile_s": time.perf_counter() - start, **_memory(compiled), "peak_rss_mb": _rss_mb()}
+
     key = jax.random.key(1)
     batches = {
-        "image": jax.random.normal(key, (m + 1, args.batch_size, 32, 32, 3)),
-        "label": jax.random.randint(jax.random.fold_in(key, 1), (m + 1, args.batch_size), 0, 10),
+        "image": jax.random.normal(key, (m + 1, args.batch_size, size, size, 3)),
+        "label": jax.random.randint(jax.random.fold_in(key, 1), (m + 1, args.batch_size), 0, classes),
     }
     rss_start = _rss_mb()
 
@@ -68,19 +95,9 @@ def _worker(args: argparse.Namespace) -> dict:
         jax.block_until_ready(p)
         sgd_times.append(time.perf_counter() - start)
 
-    impl, remat = {"hvp": ("hvp", False), "unrolled": ("unrolled", False), "unrolled_remat": ("unrolled", True)}[
-        args.worker_implementation
-    ]
-    score = jax.jit(
-        lambda p, b: pj.prospr_scores(loss_fn, p, b, num_steps=m, lr=0.1, implementation=impl, remat=remat)
-    )
     start = time.perf_counter()
     compiled = score.lower(params, batches).compile()
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    xla_mb = None
-    if mem is not None:
-        xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20
     jax.block_until_ready(compiled(params, batches))
     score_times = []
     for _ in range(args.repeats):
@@ -89,33 +106,50 @@ def _worker(args: argparse.Namespace) -> dict:
         score_times.append(time.perf_counter() - start)
     score_s, sgd_s = statistics.median(score_times), statistics.median(sgd_times)
     return {
-        "implementation": args.worker_implementation,
-        "num_steps": m,
+        **row,
         "score_s": score_s,
         "sgd_steps_s": sgd_s,
         "ratio": score_s / sgd_s,
         "compile_s": compile_s,
-        "xla_memory_mb": xla_mb,
+        **_memory(compiled),
         "peak_rss_mb": _rss_mb(),
         "rss_before_mb": rss_start,
     }
 
 
-def _table(rows: list[dict]) -> str:
-    head = (
-        f"{'implementation':<15} {'M':>3} {'score s':>9} {'M+1 SGD s':>10} {'ratio':>6} {'compile s':>10} "
-        f"{'XLA mem MB':>11} {'peak RSS MB':>12}"
-    )
+def _memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled program in MB: temp buffers and the total a device holds
+    while it runs (temp + arguments + outputs - aliased); ``None`` where the backend reports none."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {"xla_temp_mb": None, "xla_memory_mb": None}
+    total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+             - mem.alias_size_in_bytes)
+    return {"xla_temp_mb": mem.temp_size_in_bytes / 2**20, "xla_memory_mb": total / 2**20}
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
+
+
+def _table(rows: list[dict], compile_only: bool = False) -> str:
+    if compile_only:
+        head = (f"{'implementation':<15} {'M':>3} {'micro':>5} {'compile s':>10} {'XLA temp MB':>12} "
+                f"{'XLA mem MB':>11} {'peak RSS MB':>12}")
+    else:
+        head = (f"{'implementation':<15} {'M':>3} {'micro':>5} {'score s':>9} {'M+1 SGD s':>10} {'ratio':>6} "
+                f"{'compile s':>10} {'XLA mem MB':>11} {'peak RSS MB':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        lead = f"{r['implementation']:<15} {r['num_steps']:>3} {r['micro_batches']:>5}"
         if "error" in r:
-            lines.append(f"{r['implementation']:<15} {r['num_steps']:>3}  failed: {r['error']}")
-            continue
-        xla = f"{r['xla_memory_mb']:.0f}" if r["xla_memory_mb"] is not None else "n/a"
-        lines.append(
-            f"{r['implementation']:<15} {r['num_steps']:>3} {r['score_s']:>9.2f} {r['sgd_steps_s']:>10.2f} "
-            f"{r['ratio']:>6.2f} {r['compile_s']:>10.1f} {xla:>11} {r['peak_rss_mb']:>12.0f}"
-        )
+            lines.append(f"{lead}  failed: {r['error']}")
+        elif compile_only:
+            lines.append(f"{lead} {r['compile_s']:>10.1f} {_mb(r['xla_temp_mb']):>12} {_mb(r['xla_memory_mb']):>11} "
+                         f"{r['peak_rss_mb']:>12.0f}")
+        else:
+            lines.append(f"{lead} {r['score_s']:>9.2f} {r['sgd_steps_s']:>10.2f} {r['ratio']:>6.2f} "
+                         f"{r['compile_s']:>10.1f} {_mb(r['xla_memory_mb']):>11} {r['peak_rss_mb']:>12.0f}")
     return "\n".join(lines)
 
 
@@ -123,16 +157,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32, help="side of the square RGB inputs (default 32)")
+    parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--num-steps", type=int, nargs="+", default=[0, 1, 3, 5, 10])
     parser.add_argument(
         "--implementations", nargs="+", default=["hvp", "unrolled", "unrolled_remat"],
         choices=["hvp", "unrolled", "unrolled_remat"],
     )
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1],
+                        help="micro-batch counts to try (prospr_scores(micro_batches=...); default 1)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only trace and compile: compile time and XLA memory analysis, nothing runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--worker-implementation", help=argparse.SUPPRESS)
     parser.add_argument("--worker-num-steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-micro-batches", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for n in args.micro_batches:
+        if n < 1 or args.batch_size % n:
+            parser.error(f"--micro-batches {n}: must be >= 1 and divide --batch-size {args.batch_size}")
 
     if args.worker_implementation:
         print(json.dumps(_worker(args)))
@@ -141,24 +185,29 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU(s); "
-          f"{args.model}, batch {args.batch_size}, repeats {args.repeats}", flush=True)
+          f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}"
+          + ("; compile only" if args.compile_only else f", repeats {args.repeats}"), flush=True)
     rows = []
     for impl in args.implementations:
         for m in args.num_steps:
             if m == 0 and impl != "hvp":
                 continue  # M = 0 is SNIP: the same program whatever the implementation
-            cmd = [sys.executable, "-m", "experiments.bench_prospr", "--model", args.model,
-                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
-                   "--worker-implementation", impl, "--worker-num-steps", str(m)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"implementation": impl, "num_steps": m,
-                             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(_table(rows[-1:]).splitlines()[-1], flush=True)
+            for micro in args.micro_batches:
+                cmd = [sys.executable, "-m", "experiments.bench_prospr", "--model", args.model,
+                       "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                       "--num-classes", str(args.num_classes), "--repeats", str(args.repeats),
+                       "--worker-implementation", impl, "--worker-num-steps", str(m),
+                       "--worker-micro-batches", str(micro)] + (["--compile-only"] if args.compile_only else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    err = proc.stderr.strip().splitlines()
+                    rows.append({"implementation": impl, "num_steps": m, "micro_batches": micro,
+                                 "error": err[-1] if err else f"exit {proc.returncode}"})
+                else:
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(_table(rows[-1:], args.compile_only).splitlines()[-1], flush=True)
     print()
-    print(_table(rows))
+    print(_table(rows, args.compile_only))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

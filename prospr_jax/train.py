@@ -47,6 +47,7 @@ import optax
 from jax.sharding import Mesh
 
 from prospr_jax import apply_masks, check_masks, cross_entropy, masked_optimizer, masks_of
+from prospr_jax._src import cpu_options
 from prospr_jax._src.sharding import batch_sharding, process_rows, replicate, replicated, shard_batch
 from prospr_jax._src.tree import PyTree
 from prospr_jax._src.validate import check_int
@@ -273,12 +274,12 @@ class Trainer:
         object.__setattr__(self, "optimizer", make_optimizer(self.recipe, self.steps_per_epoch))
         object.__setattr__(self, "schedule", make_schedule(self.recipe, self.steps_per_epoch))
         if self.mesh is None:
-            train_step, eval_step = jax.jit(self._train_step), jax.jit(self._eval_step)
+            train_step, eval_step = cpu_options.jit(self._train_step), cpu_options.jit(self._eval_step)
         else:
             process_rows(self.recipe.batch_size, self.mesh)  # the batch must split over the devices
             whole, split = replicated(self.mesh), batch_sharding(self.mesh)
-            train_step = jax.jit(self._train_step, in_shardings=(whole, split), out_shardings=(whole, whole))
-            eval_step = jax.jit(self._eval_step, in_shardings=(whole, split), out_shardings=whole)
+            train_step = cpu_options.jit(self._train_step, in_shardings=(whole, split), out_shardings=(whole, whole))
+            eval_step = cpu_options.jit(self._eval_step, in_shardings=(whole, split), out_shardings=whole)
         object.__setattr__(self, "train_step", train_step)
         object.__setattr__(self, "eval_step", eval_step)
 
@@ -372,17 +373,23 @@ class Trainer:
         batches: Iterable[Batch],
         *,
         on_step: Optional[Callable[[int, dict], None]] = None,
+        after_step: Optional[Callable[[TrainState, Batch], TrainState]] = None,
     ) -> tuple[TrainState, dict]:
         """Run one pass of train steps over ``batches``.
 
         Returns the new state and ``{'loss', 'top1', 'steps'}``: the mean training loss and top-1 of
         the pass (over steps). ``on_step(step, metrics)`` is called after every step with device
-        arrays (a progress bar).
+        arrays (a progress bar). ``after_step(state, batch) -> state`` (optional) may change the state
+        after every step, e.g. a dynamic sparse training mask update
+        (:class:`prospr_jax.methods.MaskUpdater`); it gets the batch as the step took it.
         """
         loss_sum = top1_sum = 0.0
         steps = 0
         for batch in batches:
-            state, metrics = self.train_step(state, self.place_batch({"image": batch["image"], "label": batch["label"]}))
+            placed = self.place_batch({"image": batch["image"], "label": batch["label"]})
+            state, metrics = self.train_step(state, placed)
+            if after_step is not None:
+                state = after_step(state, placed)
             loss_sum = loss_sum + metrics["loss"]
             top1_sum = top1_sum + metrics["top1"]
             steps += 1

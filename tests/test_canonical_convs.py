@@ -100,3 +100,49 @@ def test_every_convolution_of_the_scoring_program_is_canonical(options):
     jaxpr = jax.make_jaxpr(lambda p, b: pj.meta_gradient(loss, p, b, num_steps=2, **options))(params, batches)
     specs = _conv_specs(jaxpr.jaxpr)
     assert len(specs) >= 3 and all(_is_canonical(dn) for dn in specs)
+
+
+@pytest.mark.parametrize(
+    "strides,rhs_dilation,padding,dims",
+    [((1, 1), (1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+     ((2, 2), (1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+     ((2, 1), (1, 2), "VALID", ("NHWC", "HWIO", "NHWC")),
+     ((1, 1), (1, 1), "SAME", ("NCHW", "OIHW", "NCHW"))],
+)
+def test_window_dots_compute_the_same_gradients(strides, rhs_dilation, padding, dims):
+    # Window matmuls replace the weight-gradient convolutions (9 output positions) by dot_generals;
+    # checked in float64 against the untouched program on a well-conditioned problem (unit inputs,
+    # fan-in scaled kernel, a mean of squares: every value O(0.01-1)).
+    with jax.enable_x64(True):
+        key = jax.random.key(3)
+        x = jax.random.normal(key, (4, 9, 8, 3), jnp.float64)
+        w = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 3, 5), jnp.float64) / np.sqrt(27)
+        lhs_t, rhs_t = ((0, 3, 1, 2), (3, 2, 0, 1)) if dims[0] == "NCHW" else ((0, 1, 2, 3), (0, 1, 2, 3))
+
+        def loss(w, x):
+            h = lax.conv_general_dilated(jnp.transpose(x, lhs_t), jnp.transpose(w, rhs_t), strides, padding,
+                                         rhs_dilation=rhs_dilation, dimension_numbers=dims)
+            return jnp.mean(jnp.tanh(h) ** 2)
+
+        grad = jax.grad(loss, argnums=(0, 1))
+        expected = jax.jit(grad)(w, x)
+        rewritten = canonicalize_convs(grad, window_dots=True)
+        got = jax.jit(rewritten)(w, x)
+        for a, b in zip(expected, got):
+            a, b = np.asarray(a), np.asarray(b)
+            scale = np.max(np.abs(a))
+            assert scale > 1e-3
+            # Float64 sums of at most a few hundred O(scale) terms in another order: far below
+            # 1e-12 x scale; a shifted window or swapped axis errs at the scale itself.
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * scale)
+        jaxpr = str(jax.make_jaxpr(rewritten)(w, x))
+        untouched = str(jax.make_jaxpr(canonicalize_convs(grad))(w, x))
+    assert "dot_general" in jaxpr and "dot_general" not in untouched
+    # The input gradient (a convolution of the dilated output gradient) and, when it has more than
+    # 9 positions, the forward convolution stay convolutions.
+    assert "conv_general_dilated" in jaxpr
+
+
+def test_window_dots_must_be_a_bool():
+    with pytest.raises(TypeError, match="window_dots"):
+        canonicalize_convs(lambda x: x, window_dots="yes")

@@ -87,11 +87,17 @@ def test_cells_of_every_seed_with_ablations_and_no_invert_for_round_methods():
     assert [c.ablation for c in cells[1:4]] == [None, "shuffle", "invert"]
 
 
+def test_dynamic_sparse_training_gets_no_ablation_cells():
+    config = resolve_config({**TINY, "methods": ["rigl", "snip"], "sparsities": [0.9], "ablations": ["shuffle"]})
+    assert [(c.method, c.ablation) for c in cells_of(config)] == [("rigl", None), ("snip", None), ("snip", "shuffle")]
+
+
 @pytest.mark.parametrize("settings, expected", [
     ({"seeds": [1, 1]}, "`--seeds` lists a seed twice"),
     ({"ablations": ["shuffle", "shuffle"]}, "`--ablations` lists an ablation twice"),
     ({"methods": ["synflow"], "ablations": ["invert"]}, "`--ablations invert` applies to single-shot score methods"),
     ({"methods": ["snip"], "ablations": ["invert"], "density_rule": "lamp"}, "`--density-rule lamp`"),
+    ({"methods": ["magnitude"], "ablations": ["reinit"], "prune_at": "end"}, "`--ablations reinit` needs `--prune-at init"),
 ])
 def test_bad_seeds_and_ablations_are_clear_errors(settings, expected):
     with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace("[", r"\[")):

@@ -236,3 +236,72 @@ def test_hvp_and_unrolled_agree_on_all_leaves_with_momentum_and_decay():
             b = pj.meta_gradient(mlp_loss, params, batches, implementation="unrolled", remat=remat, **kw)
             for x, y in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b))):
                 np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-13)
+
+
+def _sliced_mean_loss(loss_fn, n):
+    """Reference for micro-batching, written independently: the mean of ``loss_fn`` over the ``n``
+    slices ``rows j, j + n, j + 2n, ...`` of a whole batch."""
+    def loss(p, b):
+        return sum(loss_fn(p, jax.tree_util.tree_map(lambda x: x[j::n], b)) for j in range(n)) / n
+    return loss
+
+
+def _batch_standardised_loss(p, b):
+    """A loss that mixes the examples of a batch (like BatchNorm in training mode)."""
+    x = b["x"]
+    x = (x - x.mean(0)) / (x.std(0) + 1.0)
+    return mlp_loss(p, {"x": x, "y": b["y"]})
+
+
+@pytest.mark.parametrize("implementation,remat,micro_batches", [("hvp", False, 2), ("unrolled", False, 4),
+                                                                ("unrolled", True, 2)])
+def test_micro_batches_equal_whole_batches_for_a_per_example_loss(implementation, remat, micro_batches):
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(24))
+        batches = mlp_batches(jax.random.key(25), 4)
+        kw = dict(num_steps=3, lr=LR, momentum=0.9, weight_decay=1e-2, implementation=implementation, remat=remat)
+        whole = pj.meta_gradient(mlp_loss, params, batches, **kw)
+        micro = pj.meta_gradient(mlp_loss, params, batches, micro_batches=micro_batches, **kw)
+        # float64 and the same terms summed in another order: agreement to rounding.
+        _assert_trees_close(micro, whole, 1e-10)
+
+
+@pytest.mark.parametrize("implementation", ["hvp", "unrolled"])
+def test_micro_batches_of_a_batch_mixing_loss_are_the_mean_over_interleaved_slices(implementation):
+    with jax.enable_x64(True):
+        params = mlp_params(jax.random.key(26))
+        batches = mlp_batches(jax.random.key(27), 3)
+        kw = dict(num_steps=2, lr=LR, implementation=implementation)
+        micro = pj.meta_gradient(_batch_standardised_loss, params, batches, micro_batches=4, **kw)
+        reference = pj.meta_gradient(_sliced_mean_loss(_batch_standardised_loss, 4), params, batches, **kw)
+        whole = pj.meta_gradient(_batch_standardised_loss, params, batches, **kw)
+        _assert_trees_close(micro, reference, 1e-10)
+        # ... and differs from the whole-batch result: statistics are per slice.
+        assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(micro),
+                                                                   jax.tree_util.tree_leaves(whole))) > 1e-4
+
+
+def test_micro_batches_must_divide_the_batch():
+    params = mlp_params(jax.random.key(28), dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(29), 4, dtype=jnp.float32)  # batch size 8
+    with pytest.raises(ValueError, match="micro_batches=3 must divide the batch size"):
+        pj.prospr_scores(mlp_loss, params, batches, micro_batches=3)
+    with pytest.raises(ValueError, match="micro_batches"):
+        pj.prospr_scores(mlp_loss, params, batches, micro_batches=0)
+
+
+def test_micro_batches_bound_the_compiled_memory():
+    sizes = (16, 256, 256, 4)
+    params = mlp_params(jax.random.key(30), sizes=sizes, dtype=jnp.float32)
+    batches = mlp_batches(jax.random.key(31), 4, batch_size=1024, sizes=sizes, dtype=jnp.float32)
+
+    def temp_bytes(n):
+        score = jax.jit(lambda p, b: pj.meta_gradient(mlp_loss, p, b, num_steps=3, micro_batches=n))
+        mem = score.lower(params, batches).compile().memory_analysis()
+        if mem is None:
+            pytest.skip("this backend reports no memory analysis")
+        return mem.temp_size_in_bytes
+
+    # Activations (1024 x 256 per layer, several per step) dominate the parameters (about 0.3 MB):
+    # eight slices must need well under half the scratch memory of whole batches.
+    assert temp_bytes(8) < 0.5 * temp_bytes(1)

@@ -140,7 +140,7 @@ def test_functional_cores_compile_under_jit(problem):
 
 
 def test_names_get_and_table():
-    assert set(OWN) | {"lap", "lap_forward", "lap_backward", "drive", "imp"} == set(methods.names())
+    assert set(OWN) | {"lap", "lap_forward", "lap_backward", "drive", "imp", "set", "rigl"} == set(methods.names())
     with pytest.raises(ValueError, match="known methods: .*prospr.*synflow"):
         methods.get("snipp")
     rows = methods.table()

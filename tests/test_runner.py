@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,8 +466,11 @@ def test_leftovers_of_a_run_are_not_discarded_without_restart(reference, tmp_pat
     assert len(read_jsonl(out / "results.jsonl")) == 1 and _finished_steps(out) == []
 
 
-def test_resume_alone_reloads_the_stored_run_and_names_the_differing_settings(reference, capsys):
-    out = reference[0]
+def test_resume_alone_reloads_the_stored_run_and_names_the_differing_settings(reference, tmp_path, capsys):
+    # A copy: --resume without --keep-checkpoints removes the finished cells' checkpoints, which the
+    # other tests of the reference run read.
+    out = tmp_path / "reference"
+    shutil.copytree(reference[0], out)
     code, stdout, err = run_main(["--out", str(out), "--resume", "--no-progress"], capsys)
     assert code == 0, err
     assert stdout.count("already in results.jsonl: skipped") == 5

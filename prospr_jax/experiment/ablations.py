@@ -25,7 +25,7 @@ import jax
 
 from prospr_jax._src.ablations import shuffle_masks
 from prospr_jax._src.tree import PyTree
-from prospr_jax.experiment.pruning import produces_masks
+from prospr_jax.experiment.pruning import is_dynamic, produces_masks
 from prospr_jax.methods import PruneResult
 
 ABLATIONS = ("shuffle", "reinit", "invert")
@@ -33,19 +33,25 @@ ABLATIONS = ("shuffle", "reinit", "invert")
 REINIT_STREAM, SHUFFLE_STREAM = 3, 4
 
 
-def check_ablations(ablations: Sequence[str], methods: Sequence[str], *, density_rule: Optional[str]) -> None:
+def check_ablations(ablations: Sequence[str], methods: Sequence[str], *, density_rule: Optional[str],
+                    prune_at: str = "init", after: str = "rewind") -> None:
     """Check ``--ablations`` against the run's pruning methods and density rule.
 
     Raises:
       ValueError: an unknown or repeated ablation; ``invert`` with ``--density-rule lamp`` (LAMP's
         normalisation needs non-negative scores, so it cannot rank the inverted ones); ``invert``
-        when no method of the run is a single-shot score method.
+        when no method of the run is a single-shot score method; ``reinit`` unless the mask is
+        chosen at initialisation and training rewinds (``--prune-at init --after rewind``: the other
+        paradigms choose the weights training starts from themselves).
     """
     for a in ablations:
         if a not in ABLATIONS:
             raise ValueError(f"`--ablations`: unknown ablation {a!r}; choose from {', '.join(ABLATIONS)}")
     if len(set(ablations)) != len(ablations):
         raise ValueError(f"`--ablations` lists an ablation twice: {list(ablations)}")
+    if "reinit" in ablations and (prune_at, after) != ("init", "rewind"):
+        raise ValueError(f"`--ablations reinit` needs `--prune-at init --after rewind` (got --prune-at {prune_at} "
+                         f"--after {after}: that paradigm sets the weights training starts from)")
     if "invert" in ablations:
         if density_rule == "lamp":
             raise ValueError("`--ablations invert` cannot be combined with `--density-rule lamp` "
@@ -56,7 +62,10 @@ def check_ablations(ablations: Sequence[str], methods: Sequence[str], *, density
 
 
 def applies(ablation: str, method: str) -> bool:
-    """Whether ``ablation`` makes a cell for ``method`` (``invert``: single-shot score methods only)."""
+    """Whether ``ablation`` makes a cell for ``method`` (``invert``: single-shot score methods only; none
+    for dynamic sparse training, whose mask moves during training)."""
+    if is_dynamic(method):
+        return False
     return ablation != "invert" or not produces_masks(method)
 
 

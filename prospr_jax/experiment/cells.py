@@ -33,6 +33,9 @@ class Cell:
       seed: the seed of theta_0, data order and random pruning; ``None``: the configuration's seed.
       ablation: ``None``, or the sanity-check ablation applied to the method's mask (``'shuffle'``,
         ``'reinit'``, ``'invert'``; see :mod:`prospr_jax.experiment.ablations`).
+      prune_at: when the mask is scored: ``'init'`` (default), ``'step:K'`` or ``'end'``
+        (:mod:`prospr_jax.experiment.paradigms`).
+      after: what training starts from after pruning: ``'rewind'`` (default), ``'finetune'`` or ``'reinit'``.
     """
 
     method: str
@@ -40,14 +43,21 @@ class Cell:
     options: dict
     seed: Optional[int] = None
     ablation: Optional[str] = None
+    prune_at: str = "init"
+    after: str = "rewind"
 
     @property
     def label(self) -> str:
-        """The method, its options and the ablation, e.g. ``prospr[num_steps=1]`` or ``snip (shuffle)``;
-        the seed is not part of it (the table groups a label's seeds)."""
+        """The method, its options, its paradigm when not the default and the ablation, e.g.
+        ``prospr[num_steps=1]``, ``magnitude@end+finetune`` or ``snip (shuffle)``; the seed is not part
+        of it (the table groups a label's seeds)."""
         label = self.method
         if self.options:
             label += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+        if self.prune_at != "init":
+            label += f"@{self.prune_at}"
+        if self.after != "rewind":
+            label += f"+{self.after}"
         return label if self.ablation is None else f"{label} ({self.ablation})"
 
     @property
@@ -64,10 +74,10 @@ class Cell:
         """The cell's id within configuration ``config_id``."""
         fields = {"config": config_id, "method": self.method, "options": self.options,
                   "sparsity": round(self.sparsity, 9)}
-        if self.seed is not None:
-            fields["seed"] = self.seed
-        if self.ablation is not None:
-            fields["ablation"] = self.ablation
+        # Fields digested only when they differ from their default: today's cells keep their ids.
+        for name, default in (("seed", None), ("ablation", None), ("prune_at", "init"), ("after", "rewind")):
+            if getattr(self, name) != default:
+                fields[name] = getattr(self, name)
         return digest(fields)
 
     def dirname(self, config_id: str) -> str:
@@ -90,8 +100,10 @@ def cells_of(config: RunConfig) -> list[Cell]:
                 continue
             options = dict(config.method_options.get(method, {}))
             for s in config.sparsities:
-                cells.append(Cell(method, float(s), options, seed))
-                cells += [Cell(method, float(s), options, seed, a) for a in config.ablations if applies(a, method)]
+                paradigm = dict(prune_at=config.prune_at, after=config.after)
+                cells.append(Cell(method, float(s), options, seed, **paradigm))
+                cells += [Cell(method, float(s), options, seed, a, **paradigm)
+                          for a in config.ablations if applies(a, method)]
     return cells
 
 

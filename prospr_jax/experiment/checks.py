@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from prospr_jax import data, models
+from prospr_jax.experiment import paradigms
 from prospr_jax.experiment.config import RunConfig, UsageError
 
 
@@ -116,6 +117,10 @@ def _check_train_size(config: RunConfig, num_train: int, num_classes: Optional[i
                 f"`{flag}` {batch_size} is larger than the training set ({size:,} examples"
                 f"{' in --subset' if config.subset is not None else ''}): not one batch per epoch"
             )
+    try:
+        paradigms.check_prune_step(config.prune_at, config.recipe.epochs * data.steps_per_epoch(size, config.recipe.batch_size))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_run(config: RunConfig, *, num_train: Optional[int], num_classes: Optional[int],

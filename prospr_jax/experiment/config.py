@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from prospr_jax import models
 from prospr_jax.experiment.ablations import ABLATIONS, check_ablations
+from prospr_jax.experiment import paradigms
 from prospr_jax.experiment.presets import DEFAULT_PRESET, PRESETS, get_preset
 from prospr_jax.experiment.pruning import check_method_options, check_rules, method_names, produces_masks
 from prospr_jax.train import RECIPES, SCHEDULES, Recipe, get_recipe
@@ -32,7 +33,7 @@ RUN_FLAGS = ("out", "resume", "restart", "keep_checkpoints", "no_progress", "imp
 # Settings a resumed run may change: where the data is read from and how often it is evaluated.
 RESUMABLE_CHANGES = ("data_dir", "cache_dir", "in_memory", "eval_every", "eval_batch_size")
 # Settings that say which cells run; a resumed run may name other cells (finished ones are skipped).
-CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps", "seeds", "ablations")
+CELL_SETTINGS = ("methods", "sparsities", "method_options", "num_steps", "seeds", "ablations", "prune_at", "after")
 
 
 class UsageError(ValueError):
@@ -78,6 +79,13 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -168,6 +176,14 @@ def build_parser(prog: str = "python -m experiments.prune_train") -> argparse.Ar
     add("--density-rule", choices=("erk", "lamp"), help="per-layer density rule for score methods")
     add("--scope", choices=("global", "layerwise"), help="ranking scope (default global)")
     add("--min-per-layer", type=_non_negative_int, help="keep at least this many weights per layer (collapse guard)")
+    add("--prune-at", type=paradigms.parse_prune_at, metavar="WHEN",
+        help="when the mask is scored: init (theta_0, default), step:K (after K dense training steps) or end "
+             "(the densely trained network)")
+    add("--after", choices=paradigms.AFTER,
+        help="what training starts from after pruning: rewind (theta_0, or theta_K with step:K; default), "
+             "finetune (the trained weights, --finetune-epochs at --finetune-lr) or reinit (new random weights)")
+    add("--finetune-epochs", type=_positive_int, metavar="N", help="epochs of --after finetune (default: the recipe's epochs)")
+    add("--finetune-lr", type=_positive_float, metavar="LR", help="constant learning rate of --after finetune (default: 0.1 x --lr)")
     add("--prune-batch-size", type=_positive_int, help="batch size of the scoring batches (default: preset, else --batch-size)")
     add("--prune-augment", action="store_true", default=None, help="augment the scoring batches too (default: no augmentation)")
     add("--recipe", choices=tuple(RECIPES), help="training recipe (prospr: ProsPr code; frankle: Frankle et al.)")
@@ -237,6 +253,10 @@ class RunConfig:
     preset: str
     seeds: tuple[int, ...] = ()
     ablations: tuple[str, ...] = ()
+    prune_at: str = paradigms.PRUNE_AT_DEFAULT
+    after: str = paradigms.AFTER_DEFAULT
+    finetune_epochs: Optional[int] = None
+    finetune_lr: Optional[float] = None
 
     @property
     def cell_seeds(self) -> tuple[int, ...]:
@@ -244,8 +264,9 @@ class RunConfig:
         return self.seeds or (self.seed,)
 
     def fingerprint_dict(self) -> dict:
-        """Everything that determines a cell's result except the method, its options and the sparsity."""
-        return {
+        """Everything that determines a cell's result except the method, its options, the sparsity and
+        its paradigm (``prune_at``, ``after``: the cell's id digests those)."""
+        out = {
             "dataset": self.dataset,
             "subset": self.subset,
             "image_size": self.image_size,
@@ -259,6 +280,9 @@ class RunConfig:
             "recipe": self.recipe.as_dict(),
             "seed": self.seed,
         }
+        if self.after == "finetune":  # only then do they change a result (today's ids stay)
+            out.update(finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr)
+        return out
 
     @property
     def config_id(self) -> str:
@@ -281,6 +305,10 @@ class RunConfig:
             cache_dir=self.cache_dir,
             seeds=list(self.seeds),
             ablations=list(self.ablations),
+            prune_at=self.prune_at,
+            after=self.after,
+            finetune_epochs=self.finetune_epochs,
+            finetune_lr=self.finetune_lr,
         )
         return out
 
@@ -319,6 +347,10 @@ class RunConfig:
                 preset=d["preset"],
                 seeds=tuple(int(x) for x in d.get("seeds", ())),
                 ablations=tuple(d.get("ablations", ())),
+                prune_at=d.get("prune_at", paradigms.PRUNE_AT_DEFAULT),
+                after=d.get("after", paradigms.AFTER_DEFAULT),
+                finetune_epochs=d.get("finetune_epochs"),
+                finetune_lr=d.get("finetune_lr"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
@@ -402,6 +434,16 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
             raise UsageError(f"`--methods`: {e}") from None
 
     recipe_name, recipe = _recipe(settings, preset)
+    prune_at = settings.get("prune_at") or paradigms.PRUNE_AT_DEFAULT
+    after = settings.get("after") or paradigms.AFTER_DEFAULT
+    finetune_epochs, finetune_lr = settings.get("finetune_epochs"), settings.get("finetune_lr")
+    try:
+        paradigms.check_paradigm(pruners, prune_at, after, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if after == "finetune":
+        finetune_epochs = recipe.epochs if finetune_epochs is None else finetune_epochs
+        finetune_lr = 0.1 * recipe.lr if finetune_lr is None else finetune_lr
     model = settings.get("model") or preset.model
     model_options = dict(preset.model_options) if model == preset.model else {}
     model_options.update(settings.get("model_options") or {})
@@ -416,7 +458,7 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         seed = seeds[0]
     ablations = tuple(settings.get("ablations") or ())
     try:
-        check_ablations(ablations, pruners, density_rule=density_rule)
+        check_ablations(ablations, pruners, density_rule=density_rule, prune_at=prune_at, after=after)
     except ValueError as e:
         raise UsageError(str(e)) from None
     eval_every = settings.get("eval_every")
@@ -445,6 +487,10 @@ def resolve_config(settings: Mapping[str, Any]) -> RunConfig:
         preset=preset.name,
         seeds=seeds,
         ablations=ablations,
+        prune_at=prune_at,
+        after=after,
+        finetune_epochs=finetune_epochs,
+        finetune_lr=finetune_lr,
     )
 
 
@@ -486,6 +532,10 @@ def settings_of(config: RunConfig) -> dict[str, Any]:
         "eval_batch_size": config.eval_batch_size,
         "seeds": list(config.seeds),
         "ablations": list(config.ablations),
+        "prune_at": config.prune_at,
+        "after": config.after,
+        "finetune_epochs": config.finetune_epochs,
+        "finetune_lr": config.finetune_lr,
     }
 
 
@@ -534,6 +584,8 @@ def resume_config(stored: RunConfig, given: Mapping[str, Any]) -> tuple[RunConfi
         settings["method_options"] = {m: o for m, o in settings["method_options"].items() if m in given["methods"]}
     if given.get("method_options") is not None or given.get("num_steps") is not None:
         settings["method_options"] = {}  # The given options replace the stored ones.
+    if given.get("after") not in (None, "finetune"):
+        settings["finetune_epochs"] = settings["finetune_lr"] = None  # they apply to fine-tuning only
     settings.update(given)
     config = resolve_config(settings)
     return config, differences(stored, config)

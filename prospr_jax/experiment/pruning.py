@@ -50,6 +50,22 @@ def check_rules(name: str, *, density_rule: Optional[str], scope: str, min_per_l
     registry.check_call(name, None, {}, MaskRule(density_rule, scope, min_per_layer))
 
 
+def is_dynamic(name: str) -> bool:
+    """Whether method ``name`` trains with a changing mask (dynamic sparse training: SET, RigL)."""
+    return isinstance(registry.get(name), registry.DynamicSparseMethod)
+
+
+def trains_while_pruning(name: str) -> bool:
+    """Whether method ``name`` trains the network itself while it prunes (IMP, DRIVE: ``train_fn``)."""
+    return "train_fn" in registry.get(name).needs
+
+
+def mask_updater(name: str, problem: Any, options: Mapping[str, Any], total_steps: int) -> Any:
+    """The :class:`prospr_jax.methods.MaskUpdater` of dynamic method ``name`` for a run of ``total_steps``."""
+    method = registry.get(name)
+    return method.updater(problem, method.parse_options(dict(options)), total_steps)
+
+
 def prune(
     name: str,
     problem: Any,
@@ -82,18 +98,21 @@ class ScoreCache:
         self._result: Optional[PruneResult] = None
 
     def prune(self, name: str, problem: Any, sparsity: float, *, density_rule: Optional[str], scope: str,
-              min_per_layer: int, options: Mapping[str, Any], invert: bool = False) -> tuple[PruneResult, bool]:
+              min_per_layer: int, options: Mapping[str, Any], invert: bool = False,
+              problem_key: str = "init") -> tuple[PruneResult, bool]:
         """``(result, reused)``: the result of method ``name`` at ``sparsity``; ``reused``: the scores came
         from an earlier call (``result.seconds`` is then the first call's scoring time plus this
         thresholding).
 
         ``invert``: keep the LOWEST-scored weights at ``sparsity`` (the ``invert`` sanity check);
-        only for single-shot score methods (a ``ValueError`` otherwise).
+        only for single-shot score methods (a ``ValueError`` otherwise). ``problem_key`` names the
+        problem scored (the cell's ``prune_at``: theta_0, theta_K or the trained weights), so scores
+        of one problem never stand in for another's.
         """
         rule = {"density_rule": density_rule, "scope": scope, "min_per_layer": min_per_layer}
         # A method that prunes in rounds is reused only at the same sparsity (its ablation cells).
         at = round(float(sparsity), 9) if produces_masks(name) else None
-        key = json.dumps([name, dict(options), at], sort_keys=True, default=str)
+        key = json.dumps([name, dict(options), at, problem_key], sort_keys=True, default=str)
         reused = key == self._key and self._result is not None
         if reused:
             scored = self._result
@@ -112,4 +131,5 @@ class ScoreCache:
         return scored, False
 
 
-__all__ = ["ScoreCache", "check_method_options", "check_rules", "method_names", "produces_masks", "prune"]
+__all__ = ["ScoreCache", "check_method_options", "check_rules", "is_dynamic", "mask_updater", "method_names",
+           "produces_masks", "prune", "trains_while_pruning"]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from prospr_jax import PruningProblem, data, data_mesh, dense_masks, models, process_rows, replicate, shard_batch, sparsity_report
 from prospr_jax.checkpoint import Checkpointer
-from prospr_jax.experiment import metrics, pruning
+from prospr_jax.experiment import metrics, paradigms, pruning
 from prospr_jax.experiment.ablations import ablate
 from prospr_jax.experiment.cells import Cell, checkpoint_path
 from prospr_jax.experiment.config import DENSE, RunConfig
@@ -115,6 +115,8 @@ class Experiment:
         self.scores = pruning.ScoreCache()
         self._seeded: dict[int, "Experiment"] = {}
         self._trace: dict[str, Any] = {}  # shared with the seeded copies: one trace per run
+        self.pretrained: dict[int, TrainState] = {}  # dense training before pruning (--prune-at), by steps
+        self.paradigm_trainers: dict[str, Trainer] = {}  # --after finetune's trainer
 
     def layer_trace(self) -> tuple[Any, Optional[str]]:
         """``(trace, None)``: the model's layer trace (:mod:`prospr_jax.experiment.metrics`), taken
@@ -142,6 +144,7 @@ class Experiment:
             other.params0, other.batch_stats0 = models.init(self.model, jax.random.PRNGKey(seed), (1,) + self.input_shape)
             other.train_fn = make_train_fn(self.trainer, self.dataset, batch_stats=other.batch_stats0, seed=seed)
             other._prune_batches, other._problem, other._seeded = {}, None, {}
+            other.pretrained = {}  # its own dense training (--prune-at); the fine-tuning trainer is shared
             other.scores = pruning.ScoreCache()
             self._seeded[seed] = other
         return self._seeded[seed]
@@ -184,11 +187,13 @@ class Experiment:
         """The :class:`prospr_jax.methods.PruneResult` of ``cell`` (``seconds``: the pruning wall time).
 
         Training starts from ``start_params`` at ``start_step``: theta_0 and 0, or the rewound weights
-        of the methods that train while pruning (IMP: theta_k and k; DRIVE: its start params).
+        of the methods that train while pruning (IMP: theta_k and k; DRIVE: its start params). The
+        method scores the problem of the cell's ``prune_at`` (:func:`paradigms.scoring_problem`).
 
-        Single-shot score methods score once per method and options (:class:`pruning.ScoreCache`):
-        the other sparsities (and the ablation cells) reuse the scores; ``extras['scores_reused']``
-        says which cells did. The cell's ablation, if any, is applied to the result.
+        Single-shot score methods score once per method, options and ``prune_at``
+        (:class:`pruning.ScoreCache`): the other sparsities (and the ablation cells) reuse the scores;
+        ``extras['scores_reused']`` says which cells did. The cell's ablation, if any, is applied to the
+        result.
         """
         if cell.seed is not None and cell.seed != self.config.seed:
             raise ValueError(f"cell {cell.name} has seed {cell.seed}; prune it with experiment.for_seed({cell.seed})")
@@ -197,8 +202,9 @@ class Experiment:
             return PruneResult(masks=masks, start_params=self.params0, method=DENSE)
         cfg = self.config
         result, reused = self.scores.prune(
-            cell.method, self.problem(), cell.sparsity, density_rule=cfg.density_rule, scope=cfg.scope,
-            min_per_layer=cfg.min_per_layer, options=cell.options, invert=cell.ablation == "invert",
+            cell.method, paradigms.scoring_problem(self, cell), cell.sparsity, density_rule=cfg.density_rule,
+            scope=cfg.scope, min_per_layer=cfg.min_per_layer, options=cell.options, invert=cell.ablation == "invert",
+            problem_key=cell.prune_at,
         )
         result = dataclasses.replace(result, extras={**result.extras, "scores_reused": reused})
         return ablate(cell.ablation, result, seed=cfg.seed, init_params=self.init_params)
@@ -223,6 +229,7 @@ class CellStart:
     history: list
     prune_info: dict
     train_seconds: float
+    mask_updates: Optional[paradigms.MaskUpdateHook] = None  # dynamic sparse training
 
 
 class Diverged(Exception):
@@ -266,7 +273,7 @@ def restore_cell(exp: Experiment, cell: Cell, ckpt: Checkpointer) -> Optional[Ce
         return None
     restored, meta = ckpt.restore(step, {"masks": None})
     masks = restored["masks"]
-    target = exp.trainer.init(exp.params0, exp.batch_stats0, masks, rng=_train_rng(exp))
+    target = paradigms.trainer_for(exp, cell).init(exp.params0, exp.batch_stats0, masks, rng=_train_rng(exp))
     restored, meta = ckpt.restore(step, {"state": target})
     start = CellStart(masks, restored["state"], int(meta["epoch"]), list(meta["history"]), meta["prune_info"],
                       float(meta["train_seconds"]))
@@ -285,14 +292,15 @@ def start_cell(exp: Experiment, cell: Cell) -> CellStart:
     masks = result.masks
     prune_info = jsonable(result.summary())
     # IMP rewound to theta_k (k > 0) continues the schedule and the data stream from step k
-    # (Frankle et al. 2020): the ticket trains the remaining T - k steps.
-    first_step = result.start_step
-    total = exp.config.recipe.epochs * exp.steps_per_epoch
+    # (Frankle et al. 2020): the ticket trains the remaining T - k steps; so does --prune-at step:K.
+    start_params, batch_stats, first_step = paradigms.training_start(exp, cell, result)
+    trainer = paradigms.trainer_for(exp, cell)
+    total = trainer.total_steps
     if first_step >= total:
         raise ValueError(
             f"{cell.label}: training would start at step {first_step} (rewind step), but the recipe has only {total} steps"
         )
-    state = exp.trainer.init(result.start_params, exp.batch_stats0, masks, rng=_train_rng(exp), start_step=first_step)
+    state = trainer.init(start_params, batch_stats, masks, rng=_train_rng(exp), start_step=first_step)
     return CellStart(masks, state, first_step // exp.steps_per_epoch, [], prune_info, 0.0)
 
 
@@ -303,7 +311,7 @@ def _train_rng(exp: Experiment) -> jax.Array:
 def _progress_bar(exp: Experiment, cell: Cell, state: TrainState) -> Optional[tqdm]:
     if not exp.progress:
         return None
-    total = exp.config.recipe.epochs * exp.steps_per_epoch
+    total = paradigms.trainer_for(exp, cell).total_steps
     return tqdm(total=total, initial=int(state.step), desc=cell.name, unit="step", dynamic_ncols=True, leave=False)
 
 
@@ -315,7 +323,8 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
       metrics of the evaluated epochs); ``diverged`` is ``None`` or where the loss became non-finite.
     """
     cfg, spe = exp.config, exp.steps_per_epoch
-    epochs = cfg.recipe.epochs
+    trainer = paradigms.trainer_for(exp, cell)
+    epochs = trainer.recipe.epochs
     state, history, seconds = start.state, list(start.history), start.train_seconds
     last_eval: dict = history[-1].get("test", {}) if history else {}
     bar = _progress_bar(exp, cell, state)
@@ -342,7 +351,7 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
                 workers=exp.data_workers,
             )
             try:
-                state, train_metrics = exp.trainer.train_epoch(state, batches, on_step=on_step)
+                state, train_metrics = trainer.train_epoch(state, batches, on_step=on_step, after_step=start.mask_updates)
                 watch.flush()
             except Diverged as d:
                 seconds += time.perf_counter() - began
@@ -435,11 +444,13 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
         start = restore_cell(exp, cell, ckpt) if resume else None
         if start is None:
             start = start_cell(exp, cell)
+        start.mask_updates = paradigms.mask_update_hook(exp, cell, start.state)
         report = sparsity_report(start.masks, exp.params0)
         if report.empty_layers:
             print(f"WARNING [{cell.name}] empty layers: {', '.join(report.empty_layers)}")
         history, seconds, diverged = train_cell(exp, cell, start, ckpt)
         record = cell_record(exp, cell, start, history, seconds, diverged)
+        record.update(paradigms.record_fields(exp, cell, start))
         if is_main():
             append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from prospr_jax import data
-from prospr_jax.train import Trainer, raw_key
+from prospr_jax.train import Trainer, TrainState, raw_key
 from prospr_jax._src.tree import PyTree
 from prospr_jax._src.validate import check_int
 
@@ -99,22 +99,30 @@ def make_train_fn(
             data_seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
             rng = jax.random.fold_in(key, 1)
         state = trainer.init(params, batch_stats, masks, rng=rng, start_step=int(start_step))
-        done, global_step = 0, int(start_step)
-        while done < steps:
-            epoch, first = divmod(global_step, spe)
-            batches = data.train_batches(
-                dataset, batch_size=recipe.batch_size, epoch=epoch, seed=data_seed, augment=augment, start_step=first,
-                rows=trainer.rows,
-            )
-            for batch in batches:
-                state, _ = trainer.train_step(state, trainer.place_batch({"image": batch["image"], "label": batch["label"]}))
-                done += 1
-                global_step += 1
-                if done == steps:
-                    break
-        return state.params
+        return train_steps(trainer, dataset, state, steps, seed=data_seed, augment=augment).params
 
     return train_fn
 
 
-__all__ = ["batch_at_step", "make_train_fn"]
+def train_steps(trainer: Trainer, dataset: data.Dataset, state: TrainState, steps: int, *, seed: int,
+                augment: bool) -> TrainState:
+    """``state`` after ``steps`` more train steps on the training stream, continuing it from the
+    state's global step (batch ``state.step`` of the data order of ``seed`` comes first)."""
+    spe = trainer.steps_per_epoch
+    done, global_step = 0, int(state.step)
+    while done < steps:
+        epoch, first = divmod(global_step, spe)
+        batches = data.train_batches(
+            dataset, batch_size=trainer.recipe.batch_size, epoch=epoch, seed=seed, augment=augment, start_step=first,
+            rows=trainer.rows,
+        )
+        for batch in batches:
+            state, _ = trainer.train_step(state, trainer.place_batch({"image": batch["image"], "label": batch["label"]}))
+            done += 1
+            global_step += 1
+            if done == steps:
+                break
+    return state
+
+
+__all__ = ["batch_at_step", "make_train_fn", "train_steps"]

@@ -10,7 +10,9 @@ Functional cores (pure functions of params pytrees, for your own code):
   :func:`synflow_scores`, :func:`magnitude_scores`, :func:`random_scores`, :func:`lamp_scores`,
   :func:`drive_scores`, :func:`lap_scores`;
 * iterative pruners: :func:`iterative_snip_masks`, :func:`force_masks`, :func:`synflow_masks`;
-* density rules and schedules: :func:`erk_densities`, :class:`MaskRule`, :func:`density_schedule`.
+* density rules and schedules: :func:`erk_densities`, :class:`MaskRule`, :func:`density_schedule`;
+* dynamic sparse training (``set``, ``rigl``): :func:`drop_and_grow`, :func:`drop_fraction_at` and the
+  :class:`MaskUpdater` a training loop calls (:class:`DynamicSparseMethod`).
 
 The reference of every method (what it computes, the authors' conventions, where this library departs
 from them) is docs/methods.md in the repository.
@@ -32,6 +34,8 @@ from prospr_jax.methods.lamp import lamp_scores
 from prospr_jax.methods.lookahead import lap_scores, problem_layer_graph
 from prospr_jax.methods.drive import drive_scores
 from prospr_jax.methods.imp import imp_densities, imp_num_rounds
+from prospr_jax.methods.dst import DynamicSparseMethod, MaskUpdater, drop_and_grow, drop_fraction_at
+from prospr_jax.methods import set as _set_module, rigl  # noqa: F401  (register 'set' and 'rigl')
 from prospr_jax.methods.registry import check_call, markdown_table, masks_for, prune, score, table
 
 __all__ = [
@@ -45,6 +49,9 @@ __all__ = [
     "check_call",
     "density_schedule",
     "drive_scores",
+    "drop_and_grow",
+    "drop_fraction_at",
+    "DynamicSparseMethod",
     "erk_densities",
     "force_masks",
     "get",
@@ -59,6 +66,7 @@ __all__ = [
     "markdown_table",
     "masked_gradient_scores",
     "masks_for",
+    "MaskUpdater",
     "meta_gradient",
     "names",
     "problem_layer_graph",

@@ -30,6 +30,8 @@ Both run as one ``lax.scan`` whatever M is, so the compiled program does not gro
 differentiated program is passed through the convolution rewrite (``prospr_jax._src.jaxpr.canonical_convs``), which
 computes every convolution in channels-last layout: XLA's CPU compiler otherwise runs the
 convolutions of autodiff inside loop bodies in a slow generic form (about 30x slower on ResNet-20).
+On CPU it is compiled with :func:`prospr_jax._src.cpu_options.cpu_compiler_options` (convolutions
+kept out of YNNPACK, whose weight-gradient convolutions are slow).
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from prospr_jax._src import cpu_options
 from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
 from prospr_jax._src.losses import LossFn
 from prospr_jax._src.masks import scores_on_prunable
 from prospr_jax._src.problem import PruningProblem
 from prospr_jax._src.prunable import PrunableSpec, prunable_for_loss
-from prospr_jax._src.tree import PyTree, is_traced, leading_axis_sizes, names_in_order
+from prospr_jax._src.tree import PyTree, is_traced, leading_axis_sizes, named_leaves, names_in_order
 from prospr_jax._src.validate import check_bool, check_choice, check_int, check_real
 from prospr_jax.methods.base import Method, register
 
@@ -72,10 +76,12 @@ class ProsPrOptions:
     single_batch: bool = False
     implementation: str = "hvp"
     remat: bool = False
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
         set_("num_steps", check_int(self.num_steps, "num_steps", low=0))
+        set_("micro_batches", check_int(self.micro_batches, "micro_batches", low=1))
         set_("lr", check_real(self.lr, "lr", low=0.0, low_open=True, traced_ok=True))
         set_("momentum", check_real(self.momentum, "momentum", low=0.0, high=1.0, high_open=True, traced_ok=True))
         set_("weight_decay", check_real(self.weight_decay, "weight_decay", low=0.0, traced_ok=True))
@@ -94,13 +100,24 @@ def _axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
     return _tmap(lambda xi, yi: a * xi + yi, x, y)
 
 
-def check_batches(batches: PyTree, num_steps: int, single_batch: bool) -> None:
-    """Raise unless every leaf of ``batches`` has a leading axis of length ``num_steps + 1``."""
-    if single_batch:
-        return
+def check_batches(batches: PyTree, num_steps: int, single_batch: bool, micro_batches: int = 1) -> None:
+    """Raise unless every leaf of ``batches`` has a leading axis of length ``num_steps + 1`` and a batch
+    axis that ``micro_batches`` divides."""
     sizes = leading_axis_sizes(batches)
     if not sizes:
         raise ValueError("`batches` has no array leaves")
+    if micro_batches > 1:
+        axis = 0 if single_batch else 1
+        rows = [(name, np.shape(leaf)[axis] if np.ndim(leaf) > axis else None)
+                for name, leaf in named_leaves(batches)]
+        bad = [f"{name}: {n}" for name, n in rows if n is None or n % micro_batches]
+        if bad:
+            raise ValueError(
+                f"micro_batches={micro_batches} must divide the batch size (axis {axis} of every leaf of "
+                f"`batches`); got {names_in_order(bad)}"
+            )
+    if single_batch:
+        return
     bad = [f"{name}: {size}" for name, size in sizes if size != num_steps + 1]
     if bad:
         raise ValueError(
@@ -124,9 +141,37 @@ def first_batch(batches: PyTree, single_batch: bool = False) -> Any:
     return batches if single_batch else _tmap(lambda b: b[0], batches)
 
 
-def _gradient(loss_fn: LossFn, w: PyTree, batch: Any, weight_decay: Any) -> PyTree:
-    g = jax.grad(loss_fn)(w, batch)
-    return _axpy(weight_decay, w, g)
+def _micro_mean(fn: Any, batch: Any, micro_batches: int, remat: bool = False) -> Any:
+    """``fn(batch)`` as the mean of ``fn`` over ``micro_batches`` equal slices of the batch axis.
+
+    Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...`` (``n = micro_batches``), so each stays spread
+    over the devices a batch is sharded on. One ``lax.scan`` runs the slices one after another: only one
+    slice's activations are alive at a time. For a loss that is a mean over examples (and no layer that
+    mixes examples) the mean over slices equals ``fn(batch)``; with BatchNorm in training mode each slice
+    is normalised by its own statistics.
+    """
+    if micro_batches == 1:
+        return fn(batch)
+    slices = _tmap(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1),
+                   batch)
+    body_fn = jax.checkpoint(fn) if remat else fn
+
+    def body(total, micro):
+        return _tmap(jnp.add, total, body_fn(micro)), None
+
+    first = _tmap(lambda x: x[0], slices)
+    zeros = _tmap(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+    total, _ = jax.lax.scan(body, zeros, slices)
+    return _tmap(lambda t: t / micro_batches, total)
+
+
+def _loss_gradient(loss_fn: LossFn, w: PyTree, batch: Any, micro_batches: int) -> PyTree:
+    """``dL(w; batch)/dw``, accumulated over ``micro_batches`` slices of the batch."""
+    return _micro_mean(lambda b: jax.grad(loss_fn)(w, b), batch, micro_batches)
+
+
+def _gradient(loss_fn: LossFn, w: PyTree, batch: Any, weight_decay: Any, micro_batches: int = 1) -> PyTree:
+    return _axpy(weight_decay, w, _loss_gradient(loss_fn, w, batch, micro_batches))
 
 
 def _batch(batches: PyTree, k: Any, single_batch: bool) -> Any:
@@ -148,6 +193,7 @@ class _Static(NamedTuple):
     single_batch: bool
     implementation: str
     remat: bool
+    micro_batches: int
 
 
 def _meta_gradient_unrolled(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, st: _Static) -> PyTree:
@@ -160,7 +206,7 @@ def _meta_gradient_unrolled(loss_fn: LossFn, params: PyTree, batches: PyTree, hy
         batch, k = xs
         if single_batch:
             batch = batches
-        g = _gradient(loss_fn, w, batch, weight_decay)
+        g = _axpy(weight_decay, w, _micro_mean(lambda b: jax.grad(loss_fn)(w, b), batch, st.micro_batches, st.remat))
         if first_order:
             g = jax.lax.stop_gradient(g)
         if use_momentum:
@@ -181,7 +227,8 @@ def _meta_gradient_unrolled(loss_fn: LossFn, params: PyTree, batches: PyTree, hy
             buf = _tmap(jnp.zeros_like, w0) if use_momentum else None
             xs = (_inner_batches(batches, num_steps, single_batch), jnp.arange(num_steps))
             (w, _), _ = jax.lax.scan(step, (w0, buf), xs, length=num_steps)
-        return loss_fn(w, _batch(batches, num_steps, single_batch))
+        return _micro_mean(lambda b: loss_fn(w, b), _batch(batches, num_steps, single_batch), st.micro_batches,
+                           st.remat)
 
     return jax.grad(meta_loss)(params)
 
@@ -195,7 +242,7 @@ def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: 
         w, buf = carry
         if single_batch:
             batch = batches
-        g = _gradient(loss_fn, w, batch, weight_decay)
+        g = _gradient(loss_fn, w, batch, weight_decay, st.micro_batches)
         if use_momentum:
             buf = _axpy(momentum, buf, g)
             g = buf
@@ -208,12 +255,12 @@ def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: 
         (w, _), snapshots = jax.lax.scan(
             forward, (params, buf), _inner_batches(batches, num_steps, single_batch), length=num_steps
         )
-    a = jax.grad(loss_fn)(w, _batch(batches, num_steps, single_batch))
+    a = _loss_gradient(loss_fn, w, _batch(batches, num_steps, single_batch), st.micro_batches)
     if first_order or num_steps == 0:
         return a
 
     def hvp(w_k: PyTree, batch: Any, v: PyTree) -> PyTree:
-        return jax.jvp(lambda x: _gradient(loss_fn, x, batch, weight_decay), (w_k,), (v,))[1]
+        return jax.jvp(lambda x: _gradient(loss_fn, x, batch, weight_decay, st.micro_batches), (w_k,), (v,))[1]
 
     def backward(carry, xs):
         a_next, p_next = carry
@@ -235,11 +282,16 @@ def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: 
     return a
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "static"))
-def _meta_gradient_jit(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
+def _meta_gradient_program(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
     compute = _meta_gradient_unrolled if static.implementation == "unrolled" else _meta_gradient_hvp
     # Convolutions inside the scans in the layout XLA runs fast in loop bodies (see canonical_convs).
     return canonicalize_convs(functools.partial(compute, loss_fn, st=static))(params, batches, hyper)
+
+
+@functools.cache
+def _meta_gradient_jit() -> Any:
+    # Built at the first call, when the backend (and so the CPU compiler options) is known.
+    return cpu_options.jit(_meta_gradient_program, static_argnames=("loss_fn", "static"))
 
 
 def meta_gradient(
@@ -256,6 +308,7 @@ def meta_gradient(
     single_batch: bool = False,
     implementation: str = "hvp",
     remat: bool = False,
+    micro_batches: int = 1,
 ) -> PyTree:
     """``dL(w_M; batch_M)/dw_0``: the gradient of the loss after M SGD steps w.r.t. the initial params.
 
@@ -266,12 +319,12 @@ def meta_gradient(
     o = ProsPrOptions(
         num_steps=num_steps, lr=lr, momentum=momentum, weight_decay=weight_decay, first_order=first_order,
         detach_first_buffer=detach_first_buffer, single_batch=single_batch, implementation=implementation,
-        remat=remat,
+        remat=remat, micro_batches=micro_batches,
     )
-    check_batches(batches, o.num_steps, o.single_batch)
+    check_batches(batches, o.num_steps, o.single_batch, o.micro_batches)
     static = _Static(o.num_steps, o.use_momentum, o.first_order, o.detach_first_buffer, o.single_batch,
-                     o.implementation, o.remat)
-    return _meta_gradient_jit(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
+                     o.implementation, o.remat, o.micro_batches)
+    return _meta_gradient_jit()(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
 
 
 def prospr_scores(
@@ -291,6 +344,7 @@ def prospr_scores(
     exclude_last: bool = False,
     implementation: str = "hvp",
     remat: bool = False,
+    micro_batches: int = 1,
 ) -> PyTree:
     """ProsPr saliency of every prunable weight: ``|dL(w_M; batch_M)/dc|`` at ``c = 1``.
 
@@ -320,6 +374,12 @@ def prospr_scores(
         ``'unrolled'`` (``lax.scan`` + ``jax.grad``, the readable reference). Both are exact.
       remat: with ``'unrolled'``, rematerialise each inner step (``jax.checkpoint``) so activation
         memory does not grow with ``num_steps``. ``'hvp'`` never stores activations across steps.
+      micro_batches: split every batch into this many equal slices (default 1: whole batches) and
+        accumulate each gradient, Hessian-vector product and the meta-loss over the slices, one slice
+        at a time, so activation memory is that of ``batch_size / micro_batches`` examples. Exact for
+        a loss that is a mean over independent examples; with BatchNorm in training mode each slice
+        is normalised by its own batch statistics (as with a smaller batch), so the scores change.
+        Must divide the batch size.
 
     Returns:
       Scores pytree with ``params``' structure: ``|theta_0 * dL(w_M)/dw_0|`` (shape of the leaf) on
@@ -346,6 +406,7 @@ def prospr_scores(
         single_batch=single_batch,
         implementation=implementation,
         remat=remat,
+        micro_batches=micro_batches,
     )
     selected = prunable_for_loss(
         loss_fn, params, first_batch(batches, single_batch), prunable, exclude_first, exclude_last

@@ -17,19 +17,37 @@ that XLA's fast convolution paths take. GPU and TPU compilers handle any layout,
 hurt there. The function is traced once to a jaxpr and re-evaluated with the rewrite; apply it
 OUTSIDE any autodiff (to the already differentiated function), since ``custom_jvp``/``custom_vjp``
 rules are inlined to their primal computation.
+
+Weight gradients as window matmuls. The weight gradient of a convolution is itself a convolution
+whose "kernel" is the output gradient (as large as the image) and whose output is as small as the
+kernel (3x3). XLA's CPU compiler runs it by transposing both activations to channels-first-like
+layouts and a convolution with a 32x32 window. Written instead as one matmul per output position,
+
+    out[b, p, o] = sum_{k, c} lhs_padded[b, p * stride + k * dilation, c] * rhs[o, c, k]
+
+(``p`` one of the few output positions; the sum runs over the whole window and the features), each
+a ``dot_general`` of a strided slice of the (padded) activations in their own layout with the output
+gradient, it needs no transposes of the activations. It is opt-in (``window_dots=True``): measured
+per shape on ResNet-20 (``python -m experiments.bench_cpu --convs``) it won only where XLA's
+YNNPACK convolution path was slow, and switching that path off for the whole program
+(:mod:`prospr_jax._src.cpu_options`) won by more.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import itertools
+import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.extend.core as jex
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from prospr_jax._src.jaxpr.walk import abstract_var, walk
+from prospr_jax._src.validate import check_bool
 
 
 def _is_canonical(dn: lax.ConvDimensionNumbers) -> bool:
@@ -61,45 +79,115 @@ def _canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
     return lax.transpose(out, tuple(int(i) for i in np.argsort(out_logical)))
 
 
-def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
-    return jax.make_jaxpr(functools.partial(_eval, closed.jaxpr, closed.consts))(
+def _window_geometry(lhs_shape: tuple, rhs_shape: tuple, params: dict) -> Optional[tuple[list, list]]:
+    """``(window sizes, output sizes)`` along the spatial axes, or ``None`` where window matmuls do not
+    apply (grouped convolutions, dilated inputs: the transposed convolutions of input gradients)."""
+    dn: lax.ConvDimensionNumbers = params["dimension_numbers"]
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    if any(d != 1 for d in params["lhs_dilation"]):
+        return None
+    window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+    out = []
+    for d, k, (lo, hi), stride, dil in zip(
+        dn.lhs_spec[2:], window, params["padding"], params["window_strides"], params["rhs_dilation"]
+    ):
+        span = lhs_shape[d] + lo + hi - (k - 1) * dil
+        if span < 1:
+            return None
+        out.append((span - 1) // stride + 1)
+    return window, out
+
+
+# Weight-gradient convolutions of a 3x3 kernel have 9 output positions: at most this many positions
+# are computed as window matmuls when asked for.
+MAX_OUTPUT_POSITIONS = 9
+
+
+def _conv_as_window_dots(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
+    """The convolution as one ``dot_general`` per output position (see the module docstring)."""
+    dn: lax.ConvDimensionNumbers = params["dimension_numbers"]
+    window, out_sizes = _window_geometry(lhs.shape, rhs.shape, params)
+    lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
+    pad_config = [(0, 0, 0)] * lhs.ndim
+    for d, (lo, hi) in zip(lhs_spatial, params["padding"]):
+        pad_config[d] = (lo, hi, 0)
+    padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), pad_config)
+    contract = ((dn.lhs_spec[1], *lhs_spatial), (dn.rhs_spec[1], *rhs_spatial))
+    per_position = []
+    for position in itertools.product(*(range(n) for n in out_sizes)):
+        start, limit, step = [0] * lhs.ndim, list(padded.shape), [1] * lhs.ndim
+        for d, p, k, stride, dil in zip(lhs_spatial, position, window, params["window_strides"],
+                                        params["rhs_dilation"]):
+            start[d], limit[d], step[d] = p * stride, p * stride + (k - 1) * dil + 1, dil
+        # [batch, out features]: the window's features and positions contracted with the kernel's.
+        per_position.append(lax.dot_general(
+            lax.slice(padded, start, limit, step), rhs, (contract, ((), ())),
+            precision=params["precision"], preferred_element_type=params["preferred_element_type"],
+        ))
+    batch, features = per_position[0].shape
+    out = jnp.stack(per_position, axis=-1).reshape(batch, features, *out_sizes)  # logical (b, f, spatial)
+    return lax.transpose(out, tuple(int(i) for i in np.argsort(dn.out_spec)))
+
+
+def _rewrite_closed(closed: jex.ClosedJaxpr, window_dots: bool) -> jex.ClosedJaxpr:
+    return jax.make_jaxpr(functools.partial(_eval, closed.jaxpr, closed.consts, window_dots))(
         *[abstract_var(v) for v in closed.jaxpr.invars]
     )
 
 
-def _rewrite_param(value: Any) -> Any:
+def _rewrite_param(value: Any, window_dots: bool) -> Any:
     if isinstance(value, jex.ClosedJaxpr):
-        return _rewrite_closed(value)
+        return _rewrite_closed(value, window_dots)
     if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
-        return tuple(_rewrite_closed(v) for v in value)
+        return tuple(_rewrite_closed(v, window_dots) for v in value)
     return value
 
 
-def _visit(eqn: Any, invals: list) -> list:
-    if eqn.primitive.name == "conv_general_dilated" and not _is_canonical(eqn.params["dimension_numbers"]):
-        return [_canonical_conv(*invals, **eqn.params)]
+def _use_window_dots(eqn: Any, window_dots: bool) -> bool:
+    if not window_dots:
+        return False
+    geometry = _window_geometry(*(v.aval.shape for v in eqn.invars), eqn.params)
+    return geometry is not None and math.prod(geometry[1]) <= MAX_OUTPUT_POSITIONS
+
+
+def _visit(window_dots: bool, eqn: Any, invals: list) -> list:
+    if eqn.primitive.name == "conv_general_dilated":
+        if _use_window_dots(eqn, window_dots):
+            return [_conv_as_window_dots(*invals, **eqn.params)]
+        if not _is_canonical(eqn.params["dimension_numbers"]):
+            return [_canonical_conv(*invals, **eqn.params)]
     # Loop and conditional bodies are rewritten too (that is where the slow layouts hurt).
-    params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
+    params = {k: _rewrite_param(v, window_dots) for k, v in eqn.params.items()}
     out = eqn.primitive.bind(*invals, **params)
     return out if eqn.primitive.multiple_results else [out]
 
 
-def _eval(jaxpr: jex.Jaxpr, consts: Any, *args: Any) -> list[Any]:
-    return walk(jaxpr, consts, args, _visit)
+def _eval(jaxpr: jex.Jaxpr, consts: Any, window_dots: bool, *args: Any) -> list[Any]:
+    return walk(jaxpr, consts, args, functools.partial(_visit, window_dots))
 
 
-def canonicalize_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
+def canonicalize_convs(fn: Callable[..., Any], *, window_dots: bool = False) -> Callable[..., Any]:
     """``fn`` with every convolution computed in channels-last layout (see the module docstring).
 
-    Same arguments, same results (bit-for-bit up to the convolution algorithm's summation order).
-    Trace-time only: the returned function is meant to be called inside ``jax.jit``.
+    Args:
+      fn: any function of arrays (pytrees) whose convolutions are to be rewritten.
+      window_dots: compute the weight-gradient-like convolutions (at most ``MAX_OUTPUT_POSITIONS``
+        output positions, no input dilation, no groups) as window matmuls. Default ``False``: on
+        XLA's CPU backend they were measured slower than its convolutions once the YNNPACK
+        convolution path is off (:mod:`prospr_jax._src.cpu_options`); see the README's performance
+        section.
+
+    Same arguments, same results (up to the summation order of the convolution algorithm or of the
+    matmuls). Trace-time only: the returned function is meant to be called inside ``jax.jit``.
     """
+    window_dots = check_bool(window_dots, "window_dots")
 
     @functools.wraps(fn)
     def wrapped(*args: Any) -> Any:
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         flat_args = jax.tree_util.tree_leaves(args)
-        out = _eval(closed.jaxpr, closed.consts, *flat_args)
+        out = _eval(closed.jaxpr, closed.consts, window_dots, *flat_args)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
     return wrapped
