@@ -584,3 +584,19 @@ def test_a_user_method_runs_by_name_in_the_runner(tmp_path, monkeypatch, capsys)
     finally:
         if "test_runner_gradnorm" in pj.methods.names():
             pj.methods.unregister("test_runner_gradnorm")
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
+    from prospr_jax.experiment.interrupts import Terminated, signals_as_interrupts, uninterrupted
+
+    done = []
+    with signals_as_interrupts():
+        with pytest.raises(Terminated):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now, and held the signal back
+                done.append("write finished")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert done == ["write finished"]

@@ -10,14 +10,12 @@ last checkpoint of the running cell kept and the command that resumes the run pr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import signal
 import sys
-import threading
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import logging as absl_logging
 
@@ -29,13 +27,10 @@ from prospr_jax.experiment.config import UsageError, build_parser, import_module
 from prospr_jax.experiment.distributed import is_main
 from prospr_jax.experiment.launch import Launch, launch, resume_command
 from prospr_jax.experiment.results import latest_records, read_records, summary_line, write_report
+from prospr_jax.experiment.interrupts import Terminated, signals_as_interrupts
 from prospr_jax.experiment.runner import Experiment, Progress, run_cell
 
 EXIT_OK, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is."""
 
 
 def _program() -> str:
@@ -45,22 +40,6 @@ def _program() -> str:
     if sys.argv and sys.argv[0].endswith(os.path.join("experiment", "__main__.py")):
         return "python -m prospr_jax.experiment"
     return "python -m experiments.prune_train"
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # pylint: disable=unused-argument
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_logs() -> None:
@@ -166,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = launch(args, argv)
     except UsageError as e:
         parser.error(str(e))
-    with run.lock, _sigterm_as_interrupt(), distributed.quiet_unless_main():
+    with run.lock, signals_as_interrupts(), distributed.quiet_unless_main():
         experiment = None
         try:
             experiment = load_experiment(run)

@@ -31,6 +31,7 @@ from prospr_jax.checkpoint import Checkpointer
 from prospr_jax.experiment import metrics, paradigms, pruning, structured_cells
 from prospr_jax.experiment.ablations import ablate
 from prospr_jax.experiment.cells import Cell, checkpoint_path
+from prospr_jax.experiment.interrupts import uninterrupted
 from prospr_jax.experiment.config import DENSE, RunConfig
 from prospr_jax.experiment.distributed import is_main
 from prospr_jax.experiment.results import RESULTS_FILE, append_record, jsonable
@@ -375,7 +376,8 @@ def train_cell(exp: Experiment, cell: Cell, start: CellStart, ckpt: Checkpointer
                          "seed": cell.seed, "ablation": cell.ablation},
                 "config_id": exp.config_id,
             }
-            ckpt.save(epoch + 1, {"state": state, "masks": start.masks}, jsonable(meta))
+            with uninterrupted():  # a signal waits for the write to finish
+                ckpt.save(epoch + 1, {"state": state, "masks": start.masks}, jsonable(meta))
     finally:
         if bar is not None:
             bar.close()
