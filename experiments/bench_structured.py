@@ -5,8 +5,9 @@
 
 For each model (CIFAR shapes, 32x32x3 inputs, 10 classes; ResNet-18 with the CIFAR stem) it scores the
 channel groups once with ``--method`` on synthetic batches (timing does not depend on pixel values),
-then for every channel sparsity masks the groups, compacts the model and measures the dense and the
-compact model: parameters, FLOPs per example (XLA's cost analysis of the compiled batch-1 forward
+then for every channel sparsity masks the groups, compacts the model into a narrower model of its own
+class (:func:`prospr_jax.models.compact_module`, its output check included in the compaction time) and
+measures the dense and the compact model: parameters, FLOPs per example (XLA's cost analysis of the compiled batch-1 forward
 pass) and inference latency at batch 1 and 128 (median of ``--repeats`` calls, results ready). It
 also prints the time to trace the groups, to score (compile included, and the median of a second
 call) and to compact. ``--smoke`` runs a tiny configuration (ResNet-20 on 8x8 inputs, one sparsity,
@@ -75,9 +76,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for s in args.sparsities:
         masks = groups.leaf_masks(structured.group_mask(scores, groups, s), params)
         began = time.perf_counter()
-        small_model, small_params, small_state = structured.compact(apply_fn, params, state, masks, x, groups=eval_groups)
+        narrow, small_params, small_stats = models.compact_module(model, params, state.get("batch_stats", {}), masks,
+                                                                  x, groups=eval_groups)
         compact_s = time.perf_counter() - began
-        effect = structured.compaction_effect(apply_fn, params, state, small_model, small_params, small_state,
+        small_state = {"batch_stats": small_stats} if small_stats else {}
+        effect = structured.compaction_effect(apply_fn, params, state, pj.flax_apply_fn(narrow), small_params, small_state,
                                               (size, size, 3), batch_sizes=args.batch_sizes, repeats=args.repeats)
         rows.append({"model": name, "sparsity": s, "groups": groups.num_prunable, "trace_s": trace_s,
                      "score_first_s": score_first_s, "score_s": score_s, "compact_s": compact_s, **effect})

@@ -3,9 +3,11 @@
 ``--granularity channel`` makes every pruned cell prune channel groups
 (:func:`prospr_jax.structured.prune_channels`: ProsPr, SNIP, filter L1 magnitude or random); the masks
 make the dropped channels dead, so the masked model trains as usual. When the cell's training is done,
-:func:`compaction_record` compacts the trained model (:func:`prospr_jax.structured.compact`), evaluates
-the compact model on the test split and measures both models (parameters, XLA FLOPs per example,
-latency at batch 1 and 128 in inference mode). Its fields join the cell's record.
+:func:`compaction_record` compacts the trained model into a narrower model of its own zoo class
+(:func:`prospr_jax.models.compact_module`: plain flax.linen layers with fewer channels), evaluates the
+compact model on the test split and measures both models (parameters, XLA FLOPs per example, latency
+at batch 1 and 128 in inference mode). Its fields join the cell's record, with ``compact_architecture``:
+the attributes that rebuild the narrow model (``model.clone(**compact_architecture)``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prospr_jax import data, flax_apply_fn
+from prospr_jax import data, flax_apply_fn, models
 from prospr_jax.methods import PruneResult
-from prospr_jax.structured import CHANNEL_METHODS, GRANULARITIES, compact, compaction_effect, prune_channels
+from prospr_jax.structured import CHANNEL_METHODS, GRANULARITIES, compaction_effect, prune_channels
 
 CHANNEL = "channel"
 WEIGHT = "weight"
@@ -48,8 +50,8 @@ def prune_cell(problem: Any, method: str, sparsity: float, options: dict) -> Pru
     return prune_channels(method, problem, sparsity, **options)
 
 
-def _compact_top1(exp: Any, model: Any, params: Any, state: Any) -> float:
-    apply = jax.jit(lambda p, s, x: model.apply(p, s, x, False))
+def _compact_top1(exp: Any, apply_fn: Any, params: Any, state: Any) -> float:
+    apply = jax.jit(lambda p, s, x: apply_fn(p, s, x, False))
     correct = count = 0
     for batch in data.eval_batches(exp.dataset, batch_size=exp.eval_batch_size, pad_remainder=True):
         logits = apply(params, state, jnp.asarray(batch["image"]))
@@ -74,8 +76,11 @@ def compaction_record(exp: Any, masks: Any, trained: Any) -> dict:
     params = jax.device_get(trained.params)
     state = jax.device_get(state)
     x = jnp.ones((1, *exp.input_shape), jnp.float32)
-    model, small_params, small_state = compact(apply_fn, params, state, masks, x)
-    effect = compaction_effect(apply_fn, params, state, model, small_params, small_state, exp.input_shape,
+    narrow, small_params, small_stats = models.compact_module(exp.model, params, state.get("batch_stats", {}),
+                                                              masks, x)
+    small_state = {"batch_stats": small_stats} if small_stats else {}
+    small_apply = flax_apply_fn(narrow)
+    effect = compaction_effect(apply_fn, params, state, small_apply, small_params, small_state, exp.input_shape,
                                batch_sizes=LATENCY_BATCHES, repeats=5)
     lat = effect["latency_ms"]
     big = max(LATENCY_BATCHES)
@@ -89,7 +94,8 @@ def compaction_record(exp: Any, masks: Any, trained: Any) -> dict:
         "latency_ms_compact": lat[big]["compact"],
         "latency_batch": big,
         "latency_ms_by_batch": {str(b): v for b, v in lat.items()},
-        "test_top1_compact": _compact_top1(exp, model, small_params, small_state),
+        "test_top1_compact": _compact_top1(exp, small_apply, small_params, small_state),
+        "compact_architecture": models.architecture_changes(exp.model, narrow),
     }
 
 

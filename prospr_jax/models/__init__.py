@@ -35,6 +35,7 @@ from prospr_jax._src.tree import is_traced
 from prospr_jax._src.validate import check_bool, check_int, check_shape
 
 from . import lenet, resnet, resnet_cifar, vgg
+from .compact import TracedCompactModule, architecture_changes, compact_module
 from .lenet import LeNet5, LeNet300100
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet, option_a_shortcut
@@ -210,7 +211,10 @@ __all__ = [
     "LeNet300100",
     "LeNet5",
     "ResNet",
+    "TracedCompactModule",
     "VGG",
+    "architecture_changes",
+    "compact_module",
     "get",
     "init",
     "make_logits_fn",

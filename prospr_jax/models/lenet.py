@@ -84,6 +84,8 @@ class LeNet5(nn.Module):
 
     Attributes:
       num_classes: number of logits.
+      conv_widths: the two convs' output channels, (20, 50) by default.
+      fc_width: the hidden Dense layer's width, 500 by default.
       dtype: computation dtype (default float32).
       param_dtype: parameter dtype (default float32).
 
@@ -92,17 +94,24 @@ class LeNet5(nn.Module):
     """
 
     num_classes: int
+    conv_widths: tuple[int, int] = (20, 50)
+    fc_width: int = 500
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         _check_num_classes(self.num_classes)
+        if len(self.conv_widths) != 2 or any(w < 1 for w in self.conv_widths) or self.fc_width < 1:
+            raise ValueError(
+                f"conv_widths must be two positive ints and fc_width a positive int, got "
+                f"{self.conv_widths} and {self.fc_width}."
+            )
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train  # No BatchNorm or dropout.
-        for i, width in enumerate((20, 50)):
+        for i, width in enumerate(self.conv_widths):
             x = nn.Conv(
                 width,
                 kernel_size=(5, 5),
@@ -115,7 +124,7 @@ class LeNet5(nn.Module):
             )(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_dense(500, self.dtype, self.param_dtype, name="fc1")(x))
+        x = nn.relu(_dense(self.fc_width, self.dtype, self.param_dtype, name="fc1")(x))
         return _dense(self.num_classes, self.dtype, self.param_dtype, name="logits")(x)
 
 

@@ -35,7 +35,7 @@ ResNet-50 25,557,032; ResNet-18 CIFAR stem 10 classes 11,173,962.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -58,6 +58,10 @@ class BasicBlock(nn.Module):
     Attributes:
       features: output channels (``expansion`` = 1).
       stride: stride of conv1 and of the projection shortcut.
+      conv_widths: the output channels of conv1 and conv2 (default ``(features, features)``); conv2's
+        is the block's output width. A compacted block has narrower ones.
+      projection: whether the shortcut is a projection (default: when the stride or the width
+        changes); a compacted block keeps the shortcut of the block it came from.
       dtype: computation dtype.
       param_dtype: parameter dtype.
     """
@@ -66,6 +70,8 @@ class BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    conv_widths: Optional[tuple[int, ...]] = None
+    projection: Optional[bool] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -73,11 +79,12 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        y = conv(self.features, 3, self.stride, name="conv1")(x)
+        w1, w2 = _widths(self.conv_widths, (self.features, self.features))
+        y = conv(w1, 3, self.stride, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = conv(self.features, 3, 1, name="conv2")(y)
+        y = conv(w2, 3, 1, name="conv2")(y)
         y = norm(name="bn2")(y)
-        return nn.relu(y + _shortcut(x, self.features, self.stride, conv, norm))
+        return nn.relu(y + _shortcut(x, w2, self.stride, self.projection, conv, norm))
 
 
 class Bottleneck(nn.Module):
@@ -86,6 +93,10 @@ class Bottleneck(nn.Module):
     Attributes:
       features: the bottleneck width; the block outputs ``4 * features`` channels.
       stride: stride of the 3x3 conv2 (ResNet v1.5) and of the projection shortcut.
+      conv_widths: the output channels of conv1, conv2 and conv3 (default ``(features, features,
+        4 * features)``); conv3's is the block's output width. A compacted block has narrower ones.
+      projection: whether the shortcut is a projection (default: when the stride or the width
+        changes); a compacted block keeps the shortcut of the block it came from.
       dtype: computation dtype.
       param_dtype: parameter dtype.
     """
@@ -94,6 +105,8 @@ class Bottleneck(nn.Module):
 
     features: int
     stride: int = 1
+    conv_widths: Optional[tuple[int, ...]] = None
+    projection: Optional[bool] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -101,19 +114,30 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        out_features = self.features * self.expansion
-        y = conv(self.features, 1, 1, name="conv1")(x)
+        w1, w2, w3 = _widths(self.conv_widths, (self.features, self.features, self.features * self.expansion))
+        y = conv(w1, 1, 1, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = conv(self.features, 3, self.stride, name="conv2")(y)
+        y = conv(w2, 3, self.stride, name="conv2")(y)
         y = nn.relu(norm(name="bn2")(y))
-        y = conv(out_features, 1, 1, name="conv3")(y)
+        y = conv(w3, 1, 1, name="conv3")(y)
         y = norm(name="bn3")(y)
-        return nn.relu(y + _shortcut(x, out_features, self.stride, conv, norm))
+        return nn.relu(y + _shortcut(x, w3, self.stride, self.projection, conv, norm))
 
 
-def _shortcut(x, out_features, stride, conv, norm):
-    """Identity, or [proj_conv] 1x1/stride + [proj_bn] when the shape changes."""
-    if stride == 1 and x.shape[-1] == out_features:
+def _widths(given: Optional[tuple[int, ...]], default: tuple[int, ...]) -> tuple[int, ...]:
+    if given is None:
+        return default
+    if len(given) != len(default) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in given):
+        raise ValueError(f"conv_widths must hold {len(default)} positive ints, got {given!r}.")
+    return tuple(given)
+
+
+def _shortcut(x, out_features, stride, projection, conv, norm):
+    """Identity, or [proj_conv] 1x1/stride + [proj_bn] when ``projection`` (default: when the shape
+    changes)."""
+    if projection is None:
+        projection = stride != 1 or x.shape[-1] != out_features
+    if not projection:
         return x
     return norm(name="proj_bn")(conv(out_features, 1, stride, name="proj_conv")(x))
 
@@ -128,6 +152,10 @@ class ResNet(nn.Module):
       stem: ``'imagenet'`` (7x7 stride 2 conv + 3x3 stride 2 max-pool, default) or ``'cifar'``
         (3x3 stride 1 conv, no max-pool).
       widths: stage widths (64, 128, 256, 512); the first also is the stem's width.
+      stem_width: the stem's output channels (default ``widths[0]``).
+      block_widths: for every block in forward order, the output channels of its convs (see the
+        blocks' ``conv_widths``; default from ``widths``). With it the shortcuts stay where the
+        nominal ``widths`` put them: a compacted model keeps the projections of the model it came from.
       dtype: computation dtype (default float32).
       param_dtype: parameter dtype (default float32).
 
@@ -140,6 +168,8 @@ class ResNet(nn.Module):
     block_cls: type[nn.Module] = BasicBlock
     stem: str = "imagenet"
     widths: tuple[int, ...] = (64, 128, 256, 512)
+    stem_width: Optional[int] = None
+    block_widths: Optional[tuple[tuple[int, ...], ...]] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -159,30 +189,42 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"stage_sizes and widths must be positive, got {self.stage_sizes}, {self.widths}."
             )
+        if self.stem_width is not None and self.stem_width < 1:
+            raise ValueError(f"stem_width must be a positive int, got {self.stem_width}.")
+        if self.block_widths is not None and len(self.block_widths) != sum(self.stage_sizes):
+            raise ValueError(
+                f"block_widths must have one entry per block ({sum(self.stage_sizes)}), got {self.block_widths}."
+            )
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        stem_width = self.widths[0] if self.stem_width is None else self.stem_width
         if self.stem == "imagenet":
-            x = _conv(self.widths[0], 7, 2, self.dtype, self.param_dtype, name="conv_stem")(x)
+            x = _conv(stem_width, 7, 2, self.dtype, self.param_dtype, name="conv_stem")(x)
         else:
-            x = _conv(self.widths[0], 3, 1, self.dtype, self.param_dtype, name="conv_stem")(x)
+            x = _conv(stem_width, 3, 1, self.dtype, self.param_dtype, name="conv_stem")(x)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn_stem")(x))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         # Zero-padded indices keep the alphabetical order equal to the forward order.
         stage_digits = len(str(len(self.stage_sizes)))
         block_digits = len(str(max(self.stage_sizes) - 1))
+        nominal_in, index = self.widths[0], 0  # the channels a block of the nominal model receives
         for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
+                nominal_out = width * self.block_cls.expansion
                 x = self.block_cls(
                     width,
                     stride=stride,
+                    conv_widths=None if self.block_widths is None else tuple(self.block_widths[index]),
+                    projection=stride != 1 or nominal_in != nominal_out,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1:0{stage_digits}d}_block{block:0{block_digits}d}",
                 )(x, train)
+                nominal_in, index = nominal_out, index + 1
         return pooled_classifier(x, self.num_classes, self.dtype, self.param_dtype)
 
 

@@ -31,11 +31,12 @@ ResNet-20 with 10 classes has 269,722 parameters (kernels, BN scale/bias, head k
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prospr_jax.models.layers import KAIMING_FAN_IN, batch_norm, conv, pooled_classifier
 
@@ -44,18 +45,24 @@ Dtype = Any
 BLOCKS_PER_STAGE = {20: 3, 32: 5, 56: 9}
 
 
-def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
+def option_a_shortcut(
+    x: jax.Array, out_channels: int, stride: int, positions: Optional[Sequence[int]] = None
+) -> jax.Array:
     """The parameter-free "option A" shortcut.
 
     Args:
       x: activations, shape [N, H, W, C_in].
       out_channels: C_out >= C_in.
       stride: spatial subsampling factor (2 at a stage transition of the CIFAR ResNets).
+      positions: where each input channel lands among the C_out outputs (C_in distinct increasing
+        ints); default: the centred layout below. A compacted model (channels pruned on both sides of
+        the shortcut) passes the kept channels' places here.
 
     Returns:
       [N, ceil(H / stride), ceil(W / stride), C_out]: ``x[:, ::stride, ::stride, :]`` with
       ``(C_out - C_in) // 2`` zero channels before and ``C_out - C_in - (C_out - C_in) // 2``
-      zero channels after.
+      zero channels after, or with input channel ``c`` at output channel ``positions[c]`` and zeros
+      elsewhere.
     """
     in_channels = x.shape[-1]
     if out_channels < in_channels:
@@ -65,6 +72,16 @@ def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}.")
     y = x[:, ::stride, ::stride, :]
+    if positions is not None:
+        where = np.asarray(positions, np.int64)
+        if where.shape != (in_channels,) or (in_channels and (
+            where[0] < 0 or where[-1] >= out_channels or np.any(np.diff(where) <= 0)
+        )):
+            raise ValueError(
+                f"positions must be {in_channels} increasing channel indices in [0, {out_channels}), "
+                f"got {tuple(positions)!r}."
+            )
+        return jnp.zeros(y.shape[:-1] + (out_channels,), y.dtype).at[..., where].set(y)
     extra = out_channels - in_channels
     before = extra // 2
     return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
@@ -76,27 +93,32 @@ class BasicBlockA(nn.Module):
     Attributes:
       features: output channels.
       stride: stride of conv1 and of the shortcut's subsample.
+      inner_features: conv1's output channels (default ``features``; a compacted block has fewer).
+      skip_positions: the shortcut's ``positions`` (see :func:`option_a_shortcut`; default centred).
       dtype: computation dtype.
       param_dtype: parameter dtype.
     """
 
     features: int
     stride: int = 1
+    inner_features: Optional[int] = None
+    skip_positions: Optional[tuple[int, ...]] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv3x3 = functools.partial(
-            conv, self.features, 3, kernel_init=KAIMING_FAN_IN, dtype=self.dtype, param_dtype=self.param_dtype
+            conv, kernel=3, kernel_init=KAIMING_FAN_IN, dtype=self.dtype, param_dtype=self.param_dtype
         )
         norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        y = conv3x3(self.stride, name="conv1")(x)
+        inner = self.features if self.inner_features is None else self.inner_features
+        y = conv3x3(inner, stride=self.stride, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = conv3x3(1, name="conv2")(y)
+        y = conv3x3(self.features, stride=1, name="conv2")(y)
         y = norm(name="bn2")(y)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            skip = option_a_shortcut(x, self.features, self.stride)
+        if self.stride != 1 or x.shape[-1] != self.features or self.skip_positions is not None:
+            skip = option_a_shortcut(x, self.features, self.stride, self.skip_positions)
         else:
             skip = x
         return nn.relu(y + skip)
@@ -108,7 +130,12 @@ class CifarResNet(nn.Module):
     Attributes:
       num_classes: number of logits.
       blocks_per_stage: n, the number of basic blocks in each stage.
-      widths: channels of the stages; (16, 32, 64) in the paper.
+      widths: channels of the stages; (16, 32, 64) in the paper. The stem has ``widths[0]``.
+      block_widths: conv1's output channels in every block, in forward order (default: the stage's
+        width); a compacted model has narrower ones.
+      skip_positions: for every stage, where the option-A shortcut of its first block puts the
+        incoming channels (``None`` for the centred layout of the paper, the default for a stage
+        whose entry is ``None``); see :func:`option_a_shortcut`.
       dtype: computation dtype (default float32).
       param_dtype: parameter dtype (default float32).
 
@@ -120,6 +147,8 @@ class CifarResNet(nn.Module):
     num_classes: int
     blocks_per_stage: int = 3
     widths: tuple[int, ...] = (16, 32, 64)
+    block_widths: Optional[tuple[int, ...]] = None
+    skip_positions: Optional[tuple[Optional[tuple[int, ...]], ...]] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,6 +159,18 @@ class CifarResNet(nn.Module):
             raise ValueError(f"blocks_per_stage must be >= 1, got {self.blocks_per_stage}.")
         if len(self.widths) < 1 or any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be a non-empty tuple of positive ints, got {self.widths}.")
+        num_blocks = len(self.widths) * self.blocks_per_stage
+        if self.block_widths is not None and (
+            len(self.block_widths) != num_blocks or any(w < 1 for w in self.block_widths)
+        ):
+            raise ValueError(
+                f"block_widths must hold {num_blocks} positive ints (one per block), got {self.block_widths}."
+            )
+        if self.skip_positions is not None and len(self.skip_positions) != len(self.widths):
+            raise ValueError(
+                f"skip_positions must have one entry (or None) per stage ({len(self.widths)}), "
+                f"got {self.skip_positions}."
+            )
         super().__post_init__()
 
     @nn.compact
@@ -145,9 +186,14 @@ class CifarResNet(nn.Module):
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 stride = 2 if stage > 0 and block == 0 else 1
+                index = stage * self.blocks_per_stage + block
                 x = BasicBlockA(
                     width,
                     stride=stride,
+                    inner_features=None if self.block_widths is None else self.block_widths[index],
+                    skip_positions=(
+                        self.skip_positions[stage] if self.skip_positions is not None and block == 0 else None
+                    ),
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1:0{stage_digits}d}_block{block:0{block_digits}d}",

@@ -16,7 +16,7 @@ def compaction_effect(
     apply_fn: Callable[..., Any],
     params: PyTree,
     state: PyTree,
-    model: CompactModel,
+    model: CompactModel | Callable[..., Any],
     small_params: PyTree,
     small_state: PyTree,
     input_shape: Sequence[int],
@@ -28,7 +28,10 @@ def compaction_effect(
 
     Args:
       apply_fn, params, state: the dense model ``apply_fn(params, state, x, train)``.
-      model, small_params, small_state: what :func:`prospr_jax.structured.compact` returned.
+      model, small_params, small_state: what :func:`prospr_jax.structured.compact` returned, or an
+        ``apply_fn(params, state, x, train)`` of another compact model (e.g. the narrowed zoo Module of
+        :func:`prospr_jax.models.compact_module` through :func:`prospr_jax.flax_apply_fn`) and its
+        variables.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       batch_sizes: the batch sizes timed (inference mode, float32 inputs).
       repeats: timed calls per measurement (the median is reported).
@@ -38,7 +41,8 @@ def compaction_effect(
       compiled batch-1 forward pass), ``'latency_ms': {batch: {'dense', 'compact'}}}``.
     """
     dense = lambda p, s, x: apply_fn(p, s, x, False)  # noqa: E731
-    small = lambda p, s, x: model.apply(p, s, x, False)  # noqa: E731
+    small_apply = model.apply if isinstance(model, CompactModel) else model
+    small = lambda p, s, x: small_apply(p, s, x, False)  # noqa: E731
     one = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     out = {
         "params_dense": param_count(params),

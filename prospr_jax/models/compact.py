@@ -1,0 +1,310 @@
+"""A channel-pruned model as a smaller flax.linen Module: narrower layers, the same code.
+
+:func:`prospr_jax.structured.compact` removes every dropped channel from the variables and runs the
+model's traced program on them. :func:`compact_module` goes one step further and returns a flax.linen
+Module with its smaller variables:
+
+* for a zoo model, the same class with narrower layers (``VGG(config=(23, 'M', 51, ...))``,
+  ``CifarResNet(widths=..., block_widths=..., skip_positions=...)``, ``ResNet(stem_width=...,
+  block_widths=...)``, ``LeNet5(conv_widths=..., fc_width=...)``, ``LeNet300100(hidden=...)``): plain
+  ``nn.Conv``/``nn.Dense``/``nn.BatchNorm`` layers with fewer features, the parameter tree of the
+  original with smaller leaves. It trains, fine-tunes, serialises and ``tabulate``-s like any flax
+  model; nothing of the pruning library is needed to run it.
+* for any other flax.linen model, a :class:`TracedCompactModule`: a flax.linen Module around the
+  traced compact program (same variable tree as the original, smaller leaves). ``apply`` works in
+  both modes, and in training mode with ``mutable=['batch_stats']`` it returns the updated running
+  statistics of the kept channels, as the original model does.
+
+Either way the outputs equal the channel-masked model's ``model.apply(apply_masks(params, masks))``
+up to float rounding, in inference and in training mode; :func:`compact_module` checks this on the
+example input before it returns (``check=True``) and raises :class:`CompactionError` otherwise.
+
+Channel order: a compact layer holds its kept channels in their original order. In a CIFAR ResNet
+the option-A shortcut of a stage's first block puts the incoming channels at explicit places
+(``skip_positions``) when pruning made the centred zero padding of the paper wrong. A ResNet keeps
+its projection shortcuts where the original had them (``projection`` follows the nominal
+``widths``), even where a compacted block's input and output widths happen to be equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prospr_jax._src.losses import flax_apply_fn
+from prospr_jax._src.tree import PyTree
+from prospr_jax.models.lenet import LeNet5, LeNet300100
+from prospr_jax.models.resnet import ResNet
+from prospr_jax.models.resnet_cifar import CifarResNet
+from prospr_jax.models.vgg import VGG
+from prospr_jax.structured.compaction import CompactionError, CompactModel, LeafSlice, compact
+from prospr_jax.structured.groups import ChannelGroups
+
+
+def _out_width(params: Mapping[str, Any], layer: str) -> int:
+    node = params
+    for part in layer.split("/"):
+        node = node[part]
+    width = int(np.shape(node["kernel"])[-1])
+    if width < 1:
+        raise CompactionError(f"layer '{layer}' keeps no channel: a zoo model cannot have a 0-wide layer")
+    return width
+
+
+def _kept(slices: Mapping[str, LeafSlice], layer: str) -> np.ndarray:
+    s = slices[f"{layer}/kernel"]
+    return np.arange(s.shape[-1]) if s.chan is None else np.asarray(s.chan, np.int64)
+
+
+def _digits(n: int) -> int:
+    return len(str(n))
+
+
+def _narrow_vgg(model: VGG, params: Mapping[str, Any], slices: Mapping[str, LeafSlice]) -> VGG:
+    digits = _digits(sum(1 for v in model.config if v != "M"))
+    config, index = [], 0
+    for v in model.config:
+        if v == "M":
+            config.append(v)
+            continue
+        index += 1
+        config.append(_out_width(params, f"conv{index:0{digits}d}"))
+    return model.clone(config=tuple(config), parent=None)
+
+
+def _cifar_block_names(model: CifarResNet) -> list[list[str]]:
+    sd, bd = _digits(len(model.widths)), _digits(model.blocks_per_stage - 1)
+    return [[f"layer{s + 1:0{sd}d}_block{b:0{bd}d}" for b in range(model.blocks_per_stage)]
+            for s in range(len(model.widths))]
+
+
+def _narrow_cifar_resnet(model: CifarResNet, params: Mapping[str, Any], slices: Mapping[str, LeafSlice]) -> CifarResNet:
+    names = _cifar_block_names(model)
+    stem = _out_width(params, "conv_stem")
+    widths = tuple(_out_width(params, f"{stage[0]}/conv2") for stage in names)
+    if widths[0] != stem:
+        raise CompactionError(f"the stem keeps {stem} channels but the first stage's residual stream keeps "
+                              f"{widths[0]}: the masks do not come from this model's channel groups")
+    block_widths = tuple(_out_width(params, f"{name}/conv1") for stage in names for name in stage)
+    positions: list[Optional[tuple[int, ...]]] = [None]
+    previous = _kept(slices, "conv_stem")
+    for s in range(1, len(names)):
+        current = _kept(slices, f"{names[s][0]}/conv2")
+        offset = (model.widths[s] - model.widths[s - 1]) // 2  # the paper's centred zero padding
+        where = np.searchsorted(current, previous + offset)
+        if np.any(where >= len(current)) or not np.array_equal(current[np.minimum(where, len(current) - 1)],
+                                                               previous + offset):
+            raise CompactionError(f"stage {s + 1}: a kept channel of the shortcut has no kept place in the "
+                                  "block's output (the masks do not come from this model's channel groups)")
+        extra = widths[s] - widths[s - 1]
+        centred = np.arange(widths[s - 1]) + extra // 2
+        positions.append(None if np.array_equal(where, centred) else tuple(int(i) for i in where))
+        previous = current
+    return model.clone(
+        widths=widths,
+        block_widths=None if block_widths == tuple(w for w in widths for _ in range(model.blocks_per_stage))
+        else block_widths,
+        skip_positions=None if all(p is None for p in positions) else tuple(positions),
+        parent=None,
+    )
+
+
+def _narrow_resnet(model: ResNet, params: Mapping[str, Any], slices: Mapping[str, LeafSlice]) -> ResNet:
+    sd, bd = _digits(len(model.stage_sizes)), _digits(max(model.stage_sizes) - 1)
+    convs = ("conv1", "conv2") if model.block_cls.expansion == 1 else ("conv1", "conv2", "conv3")
+    block_widths = []
+    for s, n in enumerate(model.stage_sizes):
+        for b in range(n):
+            name = f"layer{s + 1:0{sd}d}_block{b:0{bd}d}"
+            block_widths.append(tuple(_out_width(params, f"{name}/{c}") for c in convs))
+    return model.clone(stem_width=_out_width(params, "conv_stem"), block_widths=tuple(block_widths), parent=None)
+
+
+def _narrow_lenet5(model: LeNet5, params: Mapping[str, Any], slices: Mapping[str, LeafSlice]) -> LeNet5:
+    return model.clone(conv_widths=(_out_width(params, "conv1"), _out_width(params, "conv2")),
+                       fc_width=_out_width(params, "fc1"), parent=None)
+
+
+def _narrow_lenet300100(model: LeNet300100, params: Mapping[str, Any], slices: Mapping[str, LeafSlice]) -> LeNet300100:
+    return model.clone(hidden=tuple(_out_width(params, f"fc{i + 1}") for i in range(len(model.hidden))),
+                       parent=None)
+
+
+# The zoo classes and how to read their narrower widths off the compact variables.
+NARROWERS = {
+    VGG: _narrow_vgg,
+    CifarResNet: _narrow_cifar_resnet,
+    ResNet: _narrow_resnet,
+    LeNet5: _narrow_lenet5,
+    LeNet300100: _narrow_lenet300100,
+}
+
+
+class TracedCompactModule(nn.Module):
+    """A flax.linen Module around a :class:`prospr_jax.structured.CompactModel` (for models outside the zoo).
+
+    Its variables have the original model's tree with the compact shapes (``{'params': ...,
+    'batch_stats': ...}``). ``init`` gives zeros of those shapes (use the variables that
+    :func:`compact_module` returns). ``apply(variables, x, train=False)`` returns the original model's
+    outputs; in training mode with ``mutable=['batch_stats']`` the running statistics of the kept
+    channels are updated as the original model updates them.
+
+    Attributes:
+      program: the compact program of the original model's ``apply`` in inference mode.
+      train_program: the same for training mode, returning ``(outputs, updated_state)``.
+    """
+
+    program: CompactModel
+    train_program: CompactModel
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> Any:
+        params = {k: self.param(k, _zeros_like_slices(self.program.param_slices, k)) for k in _top_keys(self.program.param_slices)}
+        stat_slices = {n[len("batch_stats/"):]: s for n, s in self.program.state_slices.items()
+                       if n.startswith("batch_stats/")}
+        stats = {k: self.variable("batch_stats", k, _zeros_like_slices(stat_slices, k, rng=False))
+                 for k in _top_keys(stat_slices)}
+        state = {"batch_stats": {k: v.value for k, v in stats.items()}} if stats else {}
+        if not train or not stats:
+            return self.program.apply(params, state, x, train)
+        out, new_state = self.train_program.apply(params, state, x, True)
+        if not self.is_initializing():
+            for k, v in stats.items():
+                v.value = new_state["batch_stats"][k]
+        return out
+
+
+def _top_keys(slices: Mapping[str, LeafSlice]) -> list[str]:
+    return list(dict.fromkeys(name.split("/")[0] for name in slices))
+
+
+def _zeros_like_slices(slices: Mapping[str, LeafSlice], key: str, rng: bool = True) -> Any:
+    def shape(s: LeafSlice) -> tuple[int, ...]:
+        out = list(s.shape)
+        if s.chan is not None:
+            out[-1] = len(s.chan)
+        if s.rows is not None:
+            out[-2] = len(s.rows)
+        return tuple(out)
+
+    def build() -> Any:
+        tree: dict = {}
+        for name, s in slices.items():
+            parts = name.split("/")
+            if parts[0] != key:
+                continue
+            if len(parts) == 1:
+                return jnp.zeros(shape(s), s.dtype)
+            node = tree
+            for p in parts[1:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = jnp.zeros(shape(s), s.dtype)
+        return tree
+
+    return (lambda _rng: build()) if rng else build
+
+
+def _flax_train_apply_fn(model: nn.Module) -> Any:
+    def apply_fn(params: PyTree, state: PyTree, x: jax.Array, train: bool) -> Any:
+        out, updates = model.apply({"params": params, **state}, x, train=train, mutable=list(state))
+        return out, {**state, **updates}
+
+    return apply_fn
+
+
+def compact_module(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    masks: PyTree,
+    example_input: Any,
+    *,
+    groups: Optional[ChannelGroups] = None,
+    check: bool = True,
+) -> tuple[nn.Module, PyTree, PyTree]:
+    """The channel-masked ``model`` as a smaller flax.linen Module and its variables.
+
+    Args:
+      model: a flax.linen classifier called as ``model.apply(variables, x, train=...)``: a zoo model
+        (narrowed in its own class) or any other (wrapped in a :class:`TracedCompactModule`).
+      params: its parameters (trained or not; masked entries are dropped whatever they hold).
+      batch_stats: its BatchNorm running statistics (``{}`` without BatchNorm).
+      masks: channel masks of whole groups (:func:`prospr_jax.structured.prune_channels` or
+        ``groups.leaf_masks``).
+      example_input: an input batch ``[N, ...]`` (its shape and dtype drive the tracing; with
+        ``check`` the outputs on it are compared).
+      groups: the model's channel groups in inference mode (default: traced here).
+      check: compare the compact Module's outputs with the masked model's on ``example_input`` in
+        inference mode (one forward pass of each) and raise if they differ beyond float rounding.
+
+    Returns:
+      ``(compact_model, compact_params, compact_batch_stats)``:
+      ``compact_model.apply({'params': compact_params, 'batch_stats': compact_batch_stats}, x,
+      train=...)`` equals ``model.apply`` of the masked variables up to float rounding.
+
+    Raises:
+      CompactionError: the model cannot be compacted (see :func:`prospr_jax.structured.compact`), a
+        zoo layer would keep no channel, or the check failed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a flax.linen Module, got {type(model).__name__}; for other models "
+                        "use prospr_jax.structured.compact (a pure function of arrays)")
+    state = {"batch_stats": batch_stats} if batch_stats else {}
+    apply_fn = flax_apply_fn(model)
+    program, small_params, small_state = compact(apply_fn, params, state, masks, example_input, groups=groups)
+    small_stats = small_state.get("batch_stats", {}) if small_state else {}
+    narrower = next((f for cls, f in NARROWERS.items() if type(model) is cls), None)
+    if narrower is not None:
+        compact_model = narrower(model, small_params, program.param_slices)
+        _check_tree(compact_model, small_params, small_stats, example_input)
+    else:
+        train_program = CompactModel(_flax_train_apply_fn(model), program.param_slices, program.state_slices,
+                                     program.param_tree, program.state_tree)
+        compact_model = TracedCompactModule(program=program, train_program=train_program)
+    if check:
+        from prospr_jax._src.masks import apply_masks
+
+        # Jitted: one compilation each instead of one per operation run eagerly.
+        want = jax.jit(lambda p, s, x: apply_fn(p, s, x, False))(apply_masks(params, masks), state, example_input)
+        variables = {"params": small_params, **({"batch_stats": small_stats} if small_stats else {})}
+        got = jax.jit(lambda v, x: compact_model.apply(v, x, train=False))(variables, example_input)
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        err = float(np.max(np.abs(got - want))) if want.size else 0.0
+        if got.shape != want.shape or not err <= 1e-4 * scale + 1e-6:
+            raise CompactionError(f"the compact {type(compact_model).__name__} differs from the masked model on "
+                                  f"the example input (max |difference| {err:.3g}, output scale {scale:.3g})")
+    return compact_model, small_params, small_stats
+
+
+def architecture_changes(original: nn.Module, narrow: nn.Module) -> dict[str, Any]:
+    """The attributes of ``narrow`` that differ from ``original``'s (JSON-ready: tuples become lists):
+    ``original.clone(**architecture_changes(original, narrow))`` rebuilds the narrow model."""
+    out = {}
+    for field in dataclasses.fields(original):
+        if field.name in ("parent", "name") or not hasattr(narrow, field.name):
+            continue
+        a, b = getattr(original, field.name), getattr(narrow, field.name)
+        if a != b:
+            out[field.name] = json.loads(json.dumps(b, default=str))
+    return out
+
+
+def _check_tree(compact_model: nn.Module, small_params: PyTree, small_stats: PyTree, example_input: Any) -> None:
+    """The narrowed zoo model's own variable shapes are those of the compact variables."""
+    shapes = jax.eval_shape(lambda x: compact_model.init(jax.random.key(0), x, train=False), example_input)
+    want = {"params": small_params, **({"batch_stats": small_stats} if small_stats else {})}
+    got_shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), dict(shapes))
+    want_shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), want)
+    if got_shapes != want_shapes:
+        raise CompactionError(f"the narrowed {type(compact_model).__name__}'s variables do not have the compact "
+                              "shapes (the masks do not come from this model's channel groups)")
+
+
+__all__ = ["NARROWERS", "TracedCompactModule", "architecture_changes", "compact_module"]
