@@ -66,6 +66,8 @@ def _check_module(model, params, batch_stats, x, groups, masks):
         layer = name.rsplit("/", 1)[0]
         full = dict(named_leaves(want_state["batch_stats"]))[name]
         expected = _kept_entries(full, dict(named_leaves(masks))[f"{layer}/scale"])
+        if expected.size == 0:  # a layer with every channel pruned keeps its first one, dead
+            expected = np.asarray(full)[:1]
         assert new.shape == old.shape == expected.shape, name
         np.testing.assert_allclose(np.asarray(new), expected, rtol=1e-4, atol=1e-4 * np.max(np.abs(expected)))
     return small_model, small_params, small_stats
@@ -196,12 +198,33 @@ def test_a_users_model_gets_a_traced_compact_module():
     assert jax.tree_util.tree_map(np.shape, fresh["params"]) == jax.tree_util.tree_map(np.shape, small_params)
 
 
-def test_a_layer_that_keeps_no_channel_and_other_bad_input_are_clear_errors():
+def test_a_layer_that_keeps_no_channel_keeps_one_dead_channel():
     model = models.get("resnet20", 10)
     params, batch_stats, x, groups, _ = _masked_setup(model, (8, 8, 3))
     keep = np.ones(groups.num_groups)
-    keep[groups.units[("out", "layer2_block1/conv1/kernel")]] = 0
-    with pytest.raises(CompactionError, match="layer2_block1/conv1.*keeps no channel"):
-        models.compact_module(model, params, batch_stats, groups.leaf_masks(keep, params), x[:1], groups=groups)
+    keep[groups.units[("out", "layer2_block1/conv1/kernel")]] = 0  # the whole inner layer of a block
+    keep[groups.units[("out", "layer3_block0/conv1/kernel")][::2]] = 0
+    masks = groups.leaf_masks(keep, params)
+    small_model, small_params, small_stats = _check_module(model, params, batch_stats, x, groups, masks)
+    assert small_model.block_widths == (16, 16, 16, 32, 1, 32, 32, 64, 64)
+    block = small_params["layer2_block1"]
+    for leaf in (block["conv1"]["kernel"], block["bn1"]["scale"], block["bn1"]["bias"], block["conv2"]["kernel"]):
+        assert not np.any(np.asarray(leaf))
+    # Fine-tuning leaves the placeholder at zero: no gradient reaches it.
+    labels = jnp.arange(8) % 10
+
+    def loss(p):
+        logits, _ = small_model.apply({"params": p, "batch_stats": small_stats}, x, train=True, mutable=["batch_stats"])
+        return pj.cross_entropy(logits, labels)
+
+    grads = jax.jit(jax.grad(loss))(small_params)["layer2_block1"]
+    assert all(not np.any(np.asarray(g)) for g in (grads["conv1"]["kernel"], grads["bn1"]["scale"],
+                                                   grads["bn1"]["bias"], grads["conv2"]["kernel"]))
+
+
+def test_a_model_that_is_not_a_flax_module_is_a_clear_error():
+    model = models.get("lenet300_100", 10)
+    params, _ = models.init(model, 0, (1, 4, 4, 1))
+    masks = jax.tree_util.tree_map(lambda p: jnp.ones(()), params)
     with pytest.raises(TypeError, match="flax.linen Module"):
-        models.compact_module(pj.flax_apply_fn(model), params, batch_stats, groups.leaf_masks(keep, params), x[:1])
+        models.compact_module(pj.flax_apply_fn(model), params, {}, masks, jnp.ones((1, 4, 4, 1)))

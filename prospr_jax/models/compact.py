@@ -38,23 +38,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from prospr_jax._src.losses import flax_apply_fn
-from prospr_jax._src.tree import PyTree
+from prospr_jax._src.masks import apply_masks
+from prospr_jax._src.tree import PyTree, named_leaves
 from prospr_jax.models.lenet import LeNet5, LeNet300100
 from prospr_jax.models.resnet import ResNet
 from prospr_jax.models.resnet_cifar import CifarResNet
 from prospr_jax.models.vgg import VGG
 from prospr_jax.structured.compaction import CompactionError, CompactModel, LeafSlice, compact
-from prospr_jax.structured.groups import ChannelGroups
+from prospr_jax.structured.groups import ChannelGroups, model_channel_groups
 
 
 def _out_width(params: Mapping[str, Any], layer: str) -> int:
     node = params
     for part in layer.split("/"):
         node = node[part]
-    width = int(np.shape(node["kernel"])[-1])
-    if width < 1:
-        raise CompactionError(f"layer '{layer}' keeps no channel: a zoo model cannot have a 0-wide layer")
-    return width
+    return int(np.shape(node["kernel"])[-1])
 
 
 def _kept(slices: Mapping[str, LeafSlice], layer: str) -> np.ndarray:
@@ -210,6 +208,40 @@ def _zeros_like_slices(slices: Mapping[str, LeafSlice], key: str, rng: bool = Tr
     return (lambda _rng: build()) if rng else build
 
 
+def _with_placeholders(groups: ChannelGroups, params: PyTree, masks: PyTree) -> tuple[PyTree, PyTree]:
+    """Params and masks in which every kernel that would keep no output channel keeps one dead one.
+
+    A flax layer cannot be 0 wide. The placeholder is the layer's first channel group, kept with every
+    member zero (its kernel columns, bias, BatchNorm scale and shift, as the masked model has them)
+    and the kernel rows that read it zeroed too, so it outputs exactly zero, as in the masked model,
+    and gets zero gradients: fine-tuning leaves it dead.
+    """
+    kept = groups.kept_groups(masks).copy()
+    placeholders: list[int] = []
+    changed = True
+    while changed:  # re-keeping a group can fill other layers (a residual stream's kernels) as well
+        changed = False
+        for (kind, _), ids in groups.units.items():
+            if kind == "out" and ids.size and not np.any(kept[ids[ids >= 0]]) and np.any(ids >= 0):
+                g = int(ids[ids >= 0][0])
+                kept[g] = True
+                placeholders.append(g)
+                changed = True
+    if not placeholders:
+        return params, masks
+    masked = apply_masks(params, masks)
+    dead = np.zeros(groups.num_groups, bool)
+    dead[placeholders] = True
+    flat = dict(named_leaves(masked))
+    for (kind, name), ids in groups.units.items():
+        if kind == "in" and np.any(dead[np.maximum(ids, 0)] & (ids >= 0)):
+            rows = np.flatnonzero((ids >= 0) & dead[np.maximum(ids, 0)])
+            flat[name] = jnp.asarray(flat[name]).at[..., rows, :].set(0)
+    leaves = [flat[name] for name, _ in named_leaves(masked)]
+    masked = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(masked), leaves)
+    return masked, groups.leaf_masks(kept.astype(np.float32), params)
+
+
 def _flax_train_apply_fn(model: nn.Module) -> Any:
     def apply_fn(params: PyTree, state: PyTree, x: jax.Array, train: bool) -> Any:
         out, updates = model.apply({"params": params, **state}, x, train=train, mutable=list(state))
@@ -248,18 +280,29 @@ def compact_module(
       ``compact_model.apply({'params': compact_params, 'batch_stats': compact_batch_stats}, x,
       train=...)`` equals ``model.apply`` of the masked variables up to float rounding.
 
+    A zoo layer whose every output channel is pruned keeps one channel that is exactly zero (its
+    kernel column, bias, BatchNorm scale and shift zero, as in the masked model, and the rows that read
+    it zero): a flax layer cannot be 0 wide. It changes no output and gets no gradient, so it stays
+    zero when the compact model is fine-tuned; it counts in the compact parameters.
+
     Raises:
-      CompactionError: the model cannot be compacted (see :func:`prospr_jax.structured.compact`), a
-        zoo layer would keep no channel, or the check failed.
+      CompactionError: the model cannot be compacted (see :func:`prospr_jax.structured.compact`) or
+        the check failed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a flax.linen Module, got {type(model).__name__}; for other models "
                         "use prospr_jax.structured.compact (a pure function of arrays)")
     state = {"batch_stats": batch_stats} if batch_stats else {}
     apply_fn = flax_apply_fn(model)
-    program, small_params, small_state = compact(apply_fn, params, state, masks, example_input, groups=groups)
-    small_stats = small_state.get("batch_stats", {}) if small_state else {}
     narrower = next((f for cls, f in NARROWERS.items() if type(model) is cls), None)
+    if groups is None:
+        groups = model_channel_groups(apply_fn, params, state, example_input)
+    source_params, source_masks = params, masks
+    if narrower is not None:
+        source_params, source_masks = _with_placeholders(groups, params, masks)
+    program, small_params, small_state = compact(apply_fn, source_params, state, source_masks, example_input,
+                                                 groups=groups)
+    small_stats = small_state.get("batch_stats", {}) if small_state else {}
     if narrower is not None:
         compact_model = narrower(model, small_params, program.param_slices)
         _check_tree(compact_model, small_params, small_stats, example_input)
@@ -268,8 +311,6 @@ def compact_module(
                                      program.param_tree, program.state_tree)
         compact_model = TracedCompactModule(program=program, train_program=train_program)
     if check:
-        from prospr_jax._src.masks import apply_masks
-
         # Jitted: one compilation each instead of one per operation run eagerly.
         want = jax.jit(lambda p, s, x: apply_fn(p, s, x, False))(apply_masks(params, masks), state, example_input)
         variables = {"params": small_params, **({"batch_stats": small_stats} if small_stats else {})}
