@@ -28,7 +28,9 @@ their losses agree before timing. PyTorch is a benchmark-only dependency (``pip 
 'prospr-jax[bench]'``).
 
 ``--quick`` (batch 8, 1 repetition) is a smoke test. ``--convs`` instead times every convolution
-shape of ResNet-20 alone (forward, input gradient, weight gradient) in both frameworks.
+shape of ResNet-20 alone (forward, input gradient, weight gradient) in both frameworks, in JAX both
+at XLA's default options and at the project's (what the train step and ProsPr are compiled with), and
+the count-weighted total of one ResNet-20 pass.
 """
 
 from __future__ import annotations
@@ -319,8 +321,10 @@ def _conv_worker(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     from jax import lax
 
+    from prospr_jax._src.cpu_options import cpu_compiler_options
     from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
 
+    options = cpu_compiler_options()  # what the project's train step and ProsPr are compiled with
     n = args.batch_size
     rows = []
     for size, c_in, c_out, stride, count in RESNET20_CONVS:
@@ -337,8 +341,14 @@ def _conv_worker(args: argparse.Namespace) -> dict:
         def weight_grad(x, w, g):
             return jax.vjp(lambda b: conv(x, b), w)[1](g)[0]
 
+        def d_input_fn(x, w, g):
+            return jax.vjp(lambda a: conv(a, w), x)[1](g)[0]
+
         d_weight = jax.jit(weight_grad)
         d_weight_dots = jax.jit(canonicalize_convs(weight_grad, window_dots=True))
+        fwd_opt = jax.jit(conv, compiler_options=options)
+        d_input_opt = jax.jit(d_input_fn, compiler_options=options)
+        d_weight_opt = jax.jit(weight_grad, compiler_options=options)
         xt = torch.randn(n, c_in, size, size)
         wt = torch.randn(c_out, c_in, 3, 3) * 0.1
         gt = torch.ones_like(torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1))
@@ -353,6 +363,10 @@ def _conv_worker(args: argparse.Namespace) -> dict:
             "d_input": (lambda: jax.block_until_ready(d_input(x, w, g)), t_backward([True, False, False])),
             "d_weight": (lambda: jax.block_until_ready(d_weight(x, w, g)), t_backward([False, True, False])),
             "d_weight_dots": (lambda: jax.block_until_ready(d_weight_dots(x, w, g)), t_backward([False, True, False])),
+            "forward_opt": (lambda: jax.block_until_ready(fwd_opt(x, w)),
+                            lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)),
+            "d_input_opt": (lambda: jax.block_until_ready(d_input_opt(x, w, g)), t_backward([True, False, False])),
+            "d_weight_opt": (lambda: jax.block_until_ready(d_weight_opt(x, w, g)), t_backward([False, True, False])),
         }
         row = {"shape": f"{size}x{size} {c_in}->{c_out} s{stride}", "count": count}
         for name, (j, t) in pairs.items():
@@ -379,16 +393,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_CONV_COLUMNS = (  # (header, row key)
+    ("fwd JAX", "forward_jax_ms"), ("fwd opt", "forward_opt_jax_ms"), ("fwd PT", "forward_torch_ms"),
+    ("dx JAX", "d_input_jax_ms"), ("dx opt", "d_input_opt_jax_ms"), ("dx PT", "d_input_torch_ms"),
+    ("dw JAX", "d_weight_jax_ms"), ("dw opt", "d_weight_opt_jax_ms"), ("dw dots", "d_weight_dots_jax_ms"),
+    ("dw PT", "d_weight_torch_ms"),
+)
+
+
 def _conv_table(result: dict) -> str:
-    head = (f"{'conv (count)':<22} {'fwd JAX':>8} {'fwd PT':>7} {'dx JAX':>7} {'dx PT':>6} "
-            f"{'dw JAX':>7} {'dw dots':>8} {'dw PT':>6}   (ms, {result['threads']} thread(s); dots: window matmuls)")
+    head = (f"{'conv (count)':<22} " + " ".join(f"{h:>8}" for h, _ in _CONV_COLUMNS)
+            + f"   (ms, {result['threads']} thread(s); JAX: XLA defaults, opt: the project's compiler options, "
+            "dots: window matmuls)")
     lines = [head, "-" * len(head)]
     for r in result["conv_rows"]:
-        lines.append(
-            f"{r['shape'] + ' (' + str(r['count']) + ')':<22} {r['forward_jax_ms']:>8.1f} {r['forward_torch_ms']:>7.1f} "
-            f"{r['d_input_jax_ms']:>7.1f} {r['d_input_torch_ms']:>6.1f} {r['d_weight_jax_ms']:>7.1f} "
-            f"{r['d_weight_dots_jax_ms']:>8.1f} {r['d_weight_torch_ms']:>6.1f}"
-        )
+        lines.append(f"{r['shape'] + ' (' + str(r['count']) + ')':<22} "
+                     + " ".join(f"{r[k]:>8.1f}" for _, k in _CONV_COLUMNS))
+    # Every convolution of one ResNet-20 pass, weighted by its count (the stem's input gradient is not
+    # needed in training but is included).
+    lines.append(f"{'ResNet-20 total':<22} " + " ".join(
+        f"{sum(r[k] * r['count'] for r in result['conv_rows']):>8.1f}" for _, k in _CONV_COLUMNS))
     return "\n".join(lines)
 
 
