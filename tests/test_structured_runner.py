@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
+
 from prospr_jax.experiment.cells import Cell
+from prospr_jax.experiment.structured_cells import load_compact
 from tests.test_runner import run_main
 
 TINY = ["--model", "lenet300_100", "--subset", "300", "--batch-size", "50", "--no-progress", "--epochs", "1"]
@@ -32,6 +36,13 @@ def test_channel_cells_are_compacted_and_recorded(tmp_path, capsys):
         assert r["latency_ms_dense"] > 0 and r["latency_ms_compact"] > 0
         # The compact model is the masked model: the same test accuracy (60 test examples here).
         assert abs(r["test_top1_compact"] - r["test_top1"]) <= 1 / 60 + 1e-9
+        # The trained compact model is on disk: the narrow LeNet of the record, with its variables.
+        model, variables = load_compact(str(out), r)
+        assert model.hidden == (k1, k2)
+        assert variables["params"]["fc1"]["kernel"].shape == (64, k1)
+        assert sum(np.size(v) for v in jax.tree_util.tree_leaves(variables)) == r["params_compact"]
+        logits = model.apply(variables, np.ones((3, 8, 8, 1), np.float32), train=False)
+        assert logits.shape == (3, 10) and np.all(np.isfinite(logits))
     assert records["dense"]["params_compact"] == records["dense"]["params_dense"]
     report = (out / "results.md").read_text()
     assert "Channel pruning: compacted models" in report and "snip@channel" in report

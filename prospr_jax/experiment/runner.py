@@ -459,7 +459,8 @@ def run_cell(exp: Experiment, cell: Cell, *, resume: bool, keep_checkpoints: boo
             step = ckpt.latest_step()
             target = exp.trainer.init(exp.params0, exp.batch_stats0, start.masks, rng=_train_rng(exp))
             trained = ckpt.restore(step, {"state": target})[0]["state"]
-            record.update(structured_cells.compaction_record(exp, start.masks, trained))
+            save_to = structured_cells.compact_variables_path(record["cell_id"]) if is_main() else None
+            record.update(structured_cells.compaction_record(exp, start.masks, trained, save_to))
         if is_main():
             append_record(os.path.join(exp.out, RESULTS_FILE), record)
         if not keep_checkpoints:

@@ -12,11 +12,13 @@ the attributes that rebuild the narrow model (``model.clone(**compact_architectu
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from prospr_jax import data, flax_apply_fn, models
 from prospr_jax.methods import PruneResult
@@ -62,14 +64,53 @@ def _compact_top1(exp: Any, apply_fn: Any, params: Any, state: Any) -> float:
     return correct / count if count else float("nan")
 
 
-def compaction_record(exp: Any, masks: Any, trained: Any) -> dict:
+COMPACT_DIR = "compact"
+
+
+def compact_variables_path(cell_id: str) -> str:
+    """Where a cell's compact variables are written, relative to the run directory."""
+    return os.path.join(COMPACT_DIR, f"{cell_id}.msgpack")
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the model attributes were."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_compact(out: str, record: dict) -> tuple[Any, dict]:
+    """The trained compact model of a channel cell of the run in ``out``, and its variables.
+
+    Args:
+      out: the run directory.
+      record: the cell's record (a line of ``results.jsonl``).
+
+    Returns:
+      ``(model, variables)``: the narrow zoo model (the run's model with the record's
+      ``compact_architecture``) and ``{'params': ..., 'batch_stats': ...}`` read from the record's
+      ``compact_variables`` file; ``model.apply(variables, x, train=False)`` is the compact network.
+    """
+    if "compact_variables" not in record:
+        raise ValueError(f"record {record.get('label', '?')!r} has no compact model (not a channel cell, "
+                         "or a cell that diverged)")
+    cfg = record["config"]
+    base = models.get(cfg["model"], int(record["num_classes"]), **(cfg.get("model_options") or {}))
+    model = base.clone(**{k: _tuples(v) for k, v in record["compact_architecture"].items()})
+    with open(os.path.join(out, record["compact_variables"]), "rb") as f:
+        variables = serialization.msgpack_restore(f.read())
+    return model, variables
+
+
+def compaction_record(exp: Any, masks: Any, trained: Any, save_to: Optional[str] = None) -> dict:
     """Record fields of a trained channel-pruned cell: sizes, FLOPs and latency of the dense and the
-    compact model, and the compact model's test top-1.
+    compact model, the compact model's test top-1 and architecture.
 
     Args:
       exp: the :class:`prospr_jax.experiment.runner.Experiment`.
       masks: the cell's masks.
       trained: its trained :class:`prospr_jax.train.TrainState` (params and batch statistics).
+      save_to: a path relative to the run directory where the compact variables are written
+        (``flax.serialization`` msgpack of ``{'params', 'batch_stats'}``; :func:`load_compact` reads
+        them back); ``None``: not written (processes other than the first).
     """
     apply_fn = flax_apply_fn(exp.model)
     state = {"batch_stats": trained.batch_stats} if trained.batch_stats else {}
@@ -84,7 +125,7 @@ def compaction_record(exp: Any, masks: Any, trained: Any) -> dict:
                                batch_sizes=LATENCY_BATCHES, repeats=5)
     lat = effect["latency_ms"]
     big = max(LATENCY_BATCHES)
-    return {
+    record = {
         "granularity": CHANNEL,
         "params_dense": effect["params_dense"],
         "params_compact": effect["params_compact"],
@@ -96,7 +137,18 @@ def compaction_record(exp: Any, masks: Any, trained: Any) -> dict:
         "latency_ms_by_batch": {str(b): v for b, v in lat.items()},
         "test_top1_compact": _compact_top1(exp, small_apply, small_params, small_state),
         "compact_architecture": models.architecture_changes(exp.model, narrow),
+        "num_classes": int(exp.num_classes),
     }
+    if save_to is not None:
+        path = os.path.join(exp.out, save_to)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        variables = {"params": small_params, **small_state}
+        with open(path + ".tmp", "wb") as f:
+            f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
+        os.replace(path + ".tmp", path)
+        record["compact_variables"] = save_to
+    return record
 
 
-__all__ = ["CHANNEL", "WEIGHT", "check_granularity", "compaction_record", "prune_cell"]
+__all__ = ["CHANNEL", "COMPACT_DIR", "WEIGHT", "check_granularity", "compact_variables_path", "compaction_record",
+           "load_compact", "prune_cell"]
