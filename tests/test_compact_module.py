@@ -17,7 +17,7 @@ import prospr_jax as pj
 from prospr_jax import models
 from prospr_jax._src.tree import named_leaves
 from prospr_jax.models.resnet import Bottleneck, ResNet
-from prospr_jax.structured import CompactionError, model_channel_groups, param_count
+from prospr_jax.structured import model_channel_groups, param_count
 from tests.test_compact import UserNet, _perturbed, _setup
 
 
@@ -141,6 +141,34 @@ def test_resnet20_shortcut_places_follow_the_kept_channels():
     shapes = lambda m: jax.tree_util.tree_map(np.shape, jax.eval_shape(  # noqa: E731
         lambda: m.init(jax.random.key(0), x[:1], train=False)))
     assert shapes(rebuilt) == shapes(small_model)
+
+
+@pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (3, 4, 5, 6, 7), (0, 2, 3, 7, 9), (1, 2, 6, 8, 11)])
+def test_option_a_shortcut_puts_the_channels_at_the_given_places(positions):
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 5)).astype(np.float32)
+    want = np.zeros((2, 2, 2, 12), np.float32)
+    want[..., list(positions)] = x[:, ::2, ::2, :]
+    got = models.option_a_shortcut(jnp.asarray(x), 12, 2, positions)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="increasing channel indices"):
+        models.option_a_shortcut(jnp.asarray(x), 12, 2, positions[::-1])
+
+
+def test_a_compact_resnet20_can_be_pruned_and_compacted_again():
+    model = models.get("resnet20", 10)
+    params, batch_stats, x, groups, _ = _masked_setup(model, (8, 8, 3))
+    keep = np.ones(groups.num_groups)
+    keep[groups.units[("out", "layer2_block0/conv2/kernel")][[0, 1]]] = 0  # moves the shortcut's places
+    keep[groups.units[("out", "conv_stem/kernel")][[3]]] = 0
+    narrow, small_params, small_stats = models.compact_module(model, params, batch_stats,
+                                                              groups.leaf_masks(keep, params), x[:2], groups=groups)
+    assert narrow.skip_positions == (None, tuple(range(6, 21)), None)  # centred would be 7..21
+    # The narrow model is a model like any other: its groups trace, and it compacts again.
+    state = {"batch_stats": small_stats}
+    again = model_channel_groups(pj.flax_apply_fn(narrow), small_params, state, x[:1])
+    keep = np.asarray(jax.random.uniform(jax.random.key(7), (again.num_groups,)) > 0.4, np.float32)
+    keep[~again.prunable] = 1
+    _check_module(narrow, small_params, small_stats, x, again, again.leaf_masks(keep, small_params))
 
 
 def test_resnet50_like_models_keep_their_projection_where_the_widths_become_equal():

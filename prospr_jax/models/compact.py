@@ -94,10 +94,16 @@ def _narrow_cifar_resnet(model: CifarResNet, params: Mapping[str, Any], slices: 
     previous = _kept(slices, "conv_stem")
     for s in range(1, len(names)):
         current = _kept(slices, f"{names[s][0]}/conv2")
-        offset = (model.widths[s] - model.widths[s - 1]) // 2  # the paper's centred zero padding
-        where = np.searchsorted(current, previous + offset)
+        # Where the model's own shortcut puts each incoming channel: its explicit places (a model
+        # compacted before), or the paper's centred zero padding.
+        given = None if model.skip_positions is None else model.skip_positions[s]
+        if given is not None:
+            target = np.asarray(given, np.int64)[previous]
+        else:
+            target = previous + (model.widths[s] - model.widths[s - 1]) // 2
+        where = np.searchsorted(current, target)
         if np.any(where >= len(current)) or not np.array_equal(current[np.minimum(where, len(current) - 1)],
-                                                               previous + offset):
+                                                               target):
             raise CompactionError(f"stage {s + 1}: a kept channel of the shortcut has no kept place in the "
                                   "block's output (the masks do not come from this model's channel groups)")
         extra = widths[s] - widths[s - 1]

@@ -81,7 +81,19 @@ def option_a_shortcut(
                 f"positions must be {in_channels} increasing channel indices in [0, {out_channels}), "
                 f"got {tuple(positions)!r}."
             )
-        return jnp.zeros(y.shape[:-1] + (out_channels,), y.dtype).at[..., where].set(y)
+        # Runs of consecutive places, each a slice padded with the zeros before it: pads, slices and a
+        # concatenation (no scatter), which the channel tracer and compaction follow.
+        pieces, filled, start = [], 0, 0
+        for stop in range(1, in_channels + 1):
+            if stop < in_channels and where[stop] == where[stop - 1] + 1:
+                continue
+            gap = int(where[start]) - filled
+            pieces.append(jnp.pad(y[..., start:stop], ((0, 0),) * (y.ndim - 1) + ((gap, 0),)))
+            filled, start = int(where[stop - 1]) + 1, stop
+        if not pieces:
+            return jnp.zeros(y.shape[:-1] + (out_channels,), y.dtype)
+        pieces[-1] = jnp.pad(pieces[-1], ((0, 0),) * (y.ndim - 1) + ((0, out_channels - filled),))
+        return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
     extra = out_channels - in_channels
     before = extra // 2
     return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
