@@ -250,6 +250,26 @@ def test_a_layer_that_keeps_no_channel_keeps_one_dead_channel():
                                                    grads["bn1"]["bias"], grads["conv2"]["kernel"]))
 
 
+def test_round_to_gives_every_layer_a_multiple_of_channels_with_dead_extras():
+    model = models.get("resnet20", 10)
+    params, batch_stats, x, groups, masks = _masked_setup(model, (8, 8, 3))
+    small_model, small_params, small_stats = models.compact_module(model, params, batch_stats, masks, x[:2],
+                                                                   groups=groups, round_to=8)
+    for leaf, kernel in named_leaves(small_params):
+        if leaf.endswith("kernel") and leaf != "logits/kernel":
+            assert kernel.shape[-1] % 8 == 0, (leaf, kernel.shape)
+    exact = models.compact_module(model, params, batch_stats, masks, x[:2], groups=groups)[1]
+    assert param_count(exact) < param_count(small_params) < param_count(params)
+    big = _variables(pj.apply_masks(params, masks), batch_stats)
+    small = _variables(small_params, small_stats)
+    run = lambda m, v, train: jax.jit(  # noqa: E731
+        lambda v: m.apply(v, x, train=train, mutable=["batch_stats"] if train else False))(v)
+    _assert_close(run(small_model, small, False), run(model, big, False), 1e-5)
+    _assert_close(run(small_model, small, True)[0], run(model, big, True)[0], 1e-4)
+    with pytest.raises(ValueError, match="round_to"):
+        models.compact_module(model, params, batch_stats, masks, x[:2], groups=groups, round_to=0)
+
+
 def test_a_model_that_is_not_a_flax_module_is_a_clear_error():
     model = models.get("lenet300_100", 10)
     params, _ = models.init(model, 0, (1, 4, 4, 1))
