@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import prospr_jax as pj
 from prospr_jax import models, structured
-from prospr_jax._src.flops import compiled_flops, latency_ms
+from prospr_jax._src.flops import compiled_flops
 
 MODEL_OPTIONS = {"resnet18": {"stem": "cifar"}}
 
@@ -85,22 +85,21 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                                                                   x, groups=eval_groups)
         compact_s = time.perf_counter() - began
         small_state = {"batch_stats": small_stats} if small_stats else {}
-        effect = structured.compaction_effect(apply_fn, params, state, pj.flax_apply_fn(narrow), small_params, small_state,
-                                              (size, size, 3), batch_sizes=args.batch_sizes, repeats=args.repeats)
-        rounded = {}
+        others, rounded = {}, {}
         if args.round_to > 1:
             wide, wide_params, wide_stats = models.compact_module(model, params, state.get("batch_stats", {}), masks,
                                                                   x, groups=eval_groups, round_to=args.round_to)
             wide_state = {"batch_stats": wide_stats} if wide_stats else {}
             wide_apply = pj.flax_apply_fn(wide)
-            big = max(args.batch_sizes)
+            others["rounded"] = (wide_apply, wide_params, wide_state)
             rounded = {
                 "params_rounded": structured.param_count(wide_params),
                 "flops_rounded": compiled_flops(lambda p, s, xx: wide_apply(p, s, xx, False), wide_params, wide_state,
                                                 jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)),
-                "latency_ms_rounded": latency_ms(lambda p, s, xx: wide_apply(p, s, xx, False), wide_params, wide_state,
-                                                 jnp.ones((big, size, size, 3)), repeats=args.repeats),
             }
+        effect = structured.compaction_effect(apply_fn, params, state, pj.flax_apply_fn(narrow), small_params, small_state,
+                                              (size, size, 3), batch_sizes=args.batch_sizes, repeats=args.repeats,
+                                              others=others)
         rows.append({"model": name, "sparsity": s, "groups": groups.num_prunable, "trace_s": trace_s,
                      "score_first_s": score_first_s, "score_s": score_s, "compact_s": compact_s, **effect, **rounded})
         print(_row(rows[-1], args.batch_sizes), flush=True)
@@ -118,8 +117,8 @@ def _header(batch_sizes, round_to: int) -> str:
 
 def _row(r: dict, batch_sizes) -> str:
     lat = " | ".join(f"{r['latency_ms'][b]['dense']:.2f} -> {r['latency_ms'][b]['compact']:.2f}" for b in batch_sizes)
-    rounded = (f" {r['params_rounded']:,}, {r['flops_rounded']:.3g}, {r['latency_ms_rounded']:.2f} |"
-               if "params_rounded" in r else "")
+    rounded = (f" {r['params_rounded']:,}, {r['flops_rounded']:.3g}, "
+               f"{r['latency_ms'][max(batch_sizes)]['rounded']:.2f} |" if "params_rounded" in r else "")
     return (f"| {r['model']} | {100 * r['sparsity']:g}% | {r['params_dense']:,} -> {r['params_compact']:,} | "
             f"{r['flops_dense']:.3g} -> {r['flops_compact']:.3g} ({100 * r['flops_compact'] / r['flops_dense']:.0f}%) | "
             f"{lat} |{rounded} {r['trace_s']:.1f} | {r['score_first_s']:.1f}, {r['score_s']:.1f} | {r['compact_s']:.1f} |")

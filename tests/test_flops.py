@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prospr_jax._src.flops import compiled_flops, latency_ms
+from prospr_jax._src.flops import compiled_flops, interleaved_latency_ms, latency_ms
 
 
 def test_dense_flops_match_a_count_by_hand():
@@ -28,3 +28,10 @@ def test_conv_flops_match_a_count_by_hand_and_shrink_with_channels():
 def test_latency_is_a_positive_time():
     ms = latency_ms(lambda x: (x @ x).sum(), jnp.ones((32, 32)), repeats=3)
     assert 0.0 < ms < 10_000.0
+
+
+def test_interleaved_latencies_rank_a_small_and_a_large_product():
+    # 8^3 against 768^3 multiply-adds: six orders of magnitude apart, whatever the machine's load.
+    ms = interleaved_latency_ms({"small": (lambda x: (x @ x).sum(), (jnp.ones((8, 8)),)),
+                                 "large": (lambda x: (x @ x @ x).sum(), (jnp.ones((768, 768)),))}, repeats=3)
+    assert set(ms) == {"small", "large"} and 0.0 < ms["small"] < ms["large"]

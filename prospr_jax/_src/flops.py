@@ -63,4 +63,30 @@ def latency_ms(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: in
     return float(statistics.median(times))
 
 
-__all__ = ["compiled_flops", "latency_ms"]
+def interleaved_latency_ms(
+    calls: Mapping[str, tuple[Callable[..., Any], tuple]], *, repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall times in milliseconds of several jitted calls, timed in turns (a, b, c, a, b, c, ...)
+    so that all of them see the same load on a shared machine; their ratios are what to read.
+
+    Args:
+      calls: ``{name: (fn, args)}``; each ``fn`` is jitted here and called as ``fn(*args)``.
+      repeats: timed rounds (>= 1).
+      warmup: untimed calls of each first (>= 1; the first compiles).
+    """
+    repeats = check_int(repeats, "repeats", low=1)
+    warmup = check_int(warmup, "warmup", low=1)
+    compiled = {name: (jax.jit(fn), args) for name, (fn, args) in calls.items()}
+    for fn, args in compiled.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, (fn, args) in compiled.items():
+            began = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(1000.0 * (time.perf_counter() - began))
+    return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+__all__ = ["compiled_flops", "interleaved_latency_ms", "latency_ms"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from prospr_jax._src.flops import compiled_flops, latency_ms
+from prospr_jax._src.flops import compiled_flops, interleaved_latency_ms
 from prospr_jax._src.tree import PyTree
 from prospr_jax.structured.compaction import CompactModel, param_count
 
@@ -23,6 +23,7 @@ def compaction_effect(
     *,
     batch_sizes: Sequence[int] = (1, 128),
     repeats: int = 10,
+    others: Optional[Mapping[str, tuple[Callable[..., Any], PyTree, PyTree]]] = None,
 ) -> dict[str, Any]:
     """Parameter counts, FLOPs per example and inference latency of the dense and the compact model.
 
@@ -34,7 +35,10 @@ def compaction_effect(
         variables.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       batch_sizes: the batch sizes timed (inference mode, float32 inputs).
-      repeats: timed calls per measurement (the median is reported).
+      repeats: timed calls per measurement (the median is reported); the dense and the compact model
+        (and ``others``) are timed in turns, so that their ratio is robust to the load of a shared machine.
+      others: more compact models to time beside them, ``{name: (apply_fn, params, state)}`` (e.g. one
+        rounded to multiples of 8 channels); their latencies join each batch size's entry.
 
     Returns:
       ``{'params_dense', 'params_compact', 'flops_dense', 'flops_compact'`` (per example, from the
@@ -53,10 +57,10 @@ def compaction_effect(
     }
     for b in batch_sizes:
         x = jnp.ones((int(b), *input_shape), jnp.float32)
-        out["latency_ms"][int(b)] = {
-            "dense": latency_ms(dense, params, state, x, repeats=repeats),
-            "compact": latency_ms(small, small_params, small_state, x, repeats=repeats),
-        }
+        calls = {"dense": (dense, (params, state, x)), "compact": (small, (small_params, small_state, x))}
+        for name, (fn, p, s) in (others or {}).items():
+            calls[name] = (lambda p, s, x, fn=fn: fn(p, s, x, False), (p, s, x))
+        out["latency_ms"][int(b)] = interleaved_latency_ms(calls, repeats=repeats)
     return out
 
 
