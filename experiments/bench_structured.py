@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 import prospr_jax as pj
 from prospr_jax import models, structured
-from prospr_jax._src.flops import compiled_flops
 
 MODEL_OPTIONS = {"resnet18": {"stem": "cifar"}}
 
@@ -85,23 +84,16 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                                                                   x, groups=eval_groups)
         compact_s = time.perf_counter() - began
         small_state = {"batch_stats": small_stats} if small_stats else {}
-        others, rounded = {}, {}
+        others = {}
         if args.round_to > 1:
             wide, wide_params, wide_stats = models.compact_module(model, params, state.get("batch_stats", {}), masks,
                                                                   x, groups=eval_groups, round_to=args.round_to)
-            wide_state = {"batch_stats": wide_stats} if wide_stats else {}
-            wide_apply = pj.flax_apply_fn(wide)
-            others["rounded"] = (wide_apply, wide_params, wide_state)
-            rounded = {
-                "params_rounded": structured.param_count(wide_params),
-                "flops_rounded": compiled_flops(lambda p, s, xx: wide_apply(p, s, xx, False), wide_params, wide_state,
-                                                jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)),
-            }
+            others["rounded"] = (pj.flax_apply_fn(wide), wide_params, {"batch_stats": wide_stats} if wide_stats else {})
         effect = structured.compaction_effect(apply_fn, params, state, pj.flax_apply_fn(narrow), small_params, small_state,
                                               (size, size, 3), batch_sizes=args.batch_sizes, repeats=args.repeats,
                                               others=others)
         rows.append({"model": name, "sparsity": s, "groups": groups.num_prunable, "trace_s": trace_s,
-                     "score_first_s": score_first_s, "score_s": score_s, "compact_s": compact_s, **effect, **rounded})
+                     "score_first_s": score_first_s, "score_s": score_s, "compact_s": compact_s, **effect})
         print(_row(rows[-1], args.batch_sizes), flush=True)
     return rows
 

@@ -50,17 +50,7 @@ def latency_ms(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: in
       repeats: timed calls (>= 1).
       warmup: untimed calls first (>= 1; the first compiles).
     """
-    repeats = check_int(repeats, "repeats", low=1)
-    warmup = check_int(warmup, "warmup", low=1)
-    compiled = jax.jit(fn)
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(1000.0 * (time.perf_counter() - began))
-    return float(statistics.median(times))
+    return interleaved_latency_ms({"fn": (fn, args)}, repeats=repeats, warmup=warmup)["fn"]
 
 
 def interleaved_latency_ms(

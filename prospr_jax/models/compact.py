@@ -169,11 +169,10 @@ class TracedCompactModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> Any:
-        params = {k: self.param(k, _zeros_like_slices(self.program.param_slices, k)) for k in _top_keys(self.program.param_slices)}
-        stat_slices = {n[len("batch_stats/"):]: s for n, s in self.program.state_slices.items()
-                       if n.startswith("batch_stats/")}
-        stats = {k: self.variable("batch_stats", k, _zeros_like_slices(stat_slices, k, rng=False))
-                 for k in _top_keys(stat_slices)}
+        shapes = _compact_shapes(self.program.param_slices, self.program.param_tree)
+        stat_shapes = _compact_shapes(self.program.state_slices, self.program.state_tree).get("batch_stats", {})
+        params = {k: self.param(k, lambda _rng, a=a: _zeros(a)) for k, a in shapes.items()}
+        stats = {k: self.variable("batch_stats", k, lambda a=a: _zeros(a)) for k, a in stat_shapes.items()}
         state = {"batch_stats": {k: v.value for k, v in stats.items()}} if stats else {}
         if not train or not stats:
             return self.program.apply(params, state, x, train)
@@ -184,34 +183,13 @@ class TracedCompactModule(nn.Module):
         return out
 
 
-def _top_keys(slices: Mapping[str, LeafSlice]) -> list[str]:
-    return list(dict.fromkeys(name.split("/")[0] for name in slices))
+def _compact_shapes(slices: Mapping[str, LeafSlice], treedef: Any) -> Any:
+    """The compact shapes in the original tree (``slices`` is in its flattening order)."""
+    return jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s.compact_shape, s.dtype) for s in slices.values()])
 
 
-def _zeros_like_slices(slices: Mapping[str, LeafSlice], key: str, rng: bool = True) -> Any:
-    def shape(s: LeafSlice) -> tuple[int, ...]:
-        out = list(s.shape)
-        if s.chan is not None:
-            out[-1] = len(s.chan)
-        if s.rows is not None:
-            out[-2] = len(s.rows)
-        return tuple(out)
-
-    def build() -> Any:
-        tree: dict = {}
-        for name, s in slices.items():
-            parts = name.split("/")
-            if parts[0] != key:
-                continue
-            if len(parts) == 1:
-                return jnp.zeros(shape(s), s.dtype)
-            node = tree
-            for p in parts[1:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = jnp.zeros(shape(s), s.dtype)
-        return tree
-
-    return (lambda _rng: build()) if rng else build
+def _zeros(shapes: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
 def _with_placeholders(groups: ChannelGroups, params: PyTree, masks: PyTree, round_to: int = 1) -> tuple[PyTree, PyTree]:
@@ -230,8 +208,8 @@ def _with_placeholders(groups: ChannelGroups, params: PyTree, masks: PyTree, rou
     while changed:  # re-keeping a group can add to other layers (a residual stream's kernels) as well
         changed = False
         for (kind, _), ids in groups.units.items():
-            members = np.unique(ids[ids >= 0]) if kind == "out" else np.zeros(0, np.int64)
-            if not members.size:
+            members = np.unique(ids[ids >= 0])
+            if kind != "out" or not members.size:
                 continue
             have = int(np.sum(kept[members]))
             want = min(members.size, max(1, -(-have // round_to) * round_to))
@@ -334,7 +312,7 @@ def compact_module(
     if check:
         # Jitted: one compilation each instead of one per operation run eagerly.
         want = jax.jit(lambda p, s, x: apply_fn(p, s, x, False))(apply_masks(params, masks), state, example_input)
-        variables = {"params": small_params, **({"batch_stats": small_stats} if small_stats else {})}
+        variables = _variables(small_params, small_stats)
         got = jax.jit(lambda v, x: compact_model.apply(v, x, train=False))(variables, example_input)
         want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
         scale = float(np.max(np.abs(want))) if want.size else 0.0
@@ -358,10 +336,14 @@ def architecture_changes(original: nn.Module, narrow: nn.Module) -> dict[str, An
     return out
 
 
+def _variables(params: PyTree, batch_stats: PyTree) -> dict:
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
 def _check_tree(compact_model: nn.Module, small_params: PyTree, small_stats: PyTree, example_input: Any) -> None:
     """The narrowed zoo model's own variable shapes are those of the compact variables."""
     shapes = jax.eval_shape(lambda x: compact_model.init(jax.random.key(0), x, train=False), example_input)
-    want = {"params": small_params, **({"batch_stats": small_stats} if small_stats else {})}
+    want = _variables(small_params, small_stats)
     got_shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), dict(shapes))
     want_shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), want)
     if got_shapes != want_shapes:

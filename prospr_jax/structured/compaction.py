@@ -379,6 +379,16 @@ class LeafSlice:
     rows: Optional[tuple[int, ...]] = None
     masked: bool = True  # dropped entries are zero in the masked model (False: running statistics)
 
+    @property
+    def compact_shape(self) -> tuple[int, ...]:
+        """The leaf's shape in the compact model."""
+        out = list(self.shape)
+        if self.chan is not None:
+            out[-1] = len(self.chan)
+        if self.rows is not None:
+            out[-2] = len(self.rows)
+        return tuple(out)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CompactModel:

@@ -37,31 +37,30 @@ def compaction_effect(
       batch_sizes: the batch sizes timed (inference mode, float32 inputs).
       repeats: timed calls per measurement (the median is reported); the dense and the compact model
         (and ``others``) are timed in turns, so that their ratio is robust to the load of a shared machine.
-      others: more compact models to time beside them, ``{name: (apply_fn, params, state)}`` (e.g. one
-        rounded to multiples of 8 channels); their latencies join each batch size's entry.
+      others: more compact models to measure beside them, ``{name: (apply_fn, params, state)}`` (e.g.
+        one rounded to multiples of 8 channels): ``params_<name>``, ``flops_<name>`` and a latency in
+        each batch size's entry.
 
     Returns:
       ``{'params_dense', 'params_compact', 'flops_dense', 'flops_compact'`` (per example, from the
-      compiled batch-1 forward pass), ``'latency_ms': {batch: {'dense', 'compact'}}}``.
+      compiled batch-1 forward pass), ``'latency_ms': {batch: {'dense', 'compact'}}}``, and the same
+      entries for ``others``.
     """
-    dense = lambda p, s, x: apply_fn(p, s, x, False)  # noqa: E731
     small_apply = model.apply if isinstance(model, CompactModel) else model
-    small = lambda p, s, x: small_apply(p, s, x, False)  # noqa: E731
+    variants = {"dense": (apply_fn, params, state), "compact": (small_apply, small_params, small_state),
+              **(others or {})}
+    # Inference-mode calls ``f(params, state, x)`` of every model, with its variables.
+    calls = {name: (lambda p, s, x, f=f: f(p, s, x, False), p, s) for name, (f, p, s) in variants.items()}
     one = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    out = {
-        "params_dense": param_count(params),
-        "params_compact": param_count(small_params),
-        "flops_dense": compiled_flops(dense, params, state, one),
-        "flops_compact": compiled_flops(small, small_params, small_state, one),
-        "latency_ms": {},
-    }
+    out: dict[str, Any] = {}
+    for name, (fn, p, s) in calls.items():
+        out[f"params_{name}"] = param_count(p)
+        out[f"flops_{name}"] = compiled_flops(fn, p, s, one)
+    out["latency_ms"] = {}
     for b in batch_sizes:
         x = jnp.ones((int(b), *input_shape), jnp.float32)
-        calls = {"dense": (dense, (params, state, x)), "compact": (small, (small_params, small_state, x))}
-        for name, (fn, p, s) in (others or {}).items():
-            calls[name] = (lambda p, s, x, fn=fn: fn(p, s, x, False), (p, s, x))
-        out["latency_ms"][int(b)] = interleaved_latency_ms(calls, repeats=repeats)
+        out["latency_ms"][int(b)] = interleaved_latency_ms({name: (fn, (p, s, x)) for name, (fn, p, s) in calls.items()},
+                                                           repeats=repeats)
     return out
-
 
 __all__ = ["compaction_effect"]
