@@ -9,7 +9,9 @@ Tasks (each timed on the same batch in both frameworks; warm, i.e. after compila
   project's jitted masked step (:class:`prospr_jax.train.Trainer`, dense masks) against
   ``loss.backward(); optimizer.step()``; ``train_step_plain`` is a bare ``jax.jit`` of
   ``value_and_grad`` + ``optax.sgd`` on the zoo model (no masks), compiled with XLA's default
-  options (the other JAX tasks use the project's, :mod:`prospr_jax._src.cpu_options`).
+  options and XLA's convolutions (the other JAX tasks use the project's compiler options,
+  :mod:`prospr_jax._src.cpu_options`, and its CPU convolution kernels, :mod:`prospr_jax._src.cpu_conv`,
+  where they are available).
 * ``forward``: logits in eval mode (running BatchNorm statistics; ``torch.no_grad``).
 * ``gradient``: the loss gradient w.r.t. all parameters (BatchNorm in train mode).
 * ``hvp``: a Hessian-vector product, forward-over-reverse in JAX (``jvp`` of ``grad``, what ProsPr
@@ -28,9 +30,9 @@ their losses agree before timing. PyTorch is a benchmark-only dependency (``pip 
 'prospr-jax[bench]'``).
 
 ``--quick`` (batch 8, 1 repetition) is a smoke test. ``--convs`` instead times every convolution
-shape of ResNet-20 alone (forward, input gradient, weight gradient) in both frameworks, in JAX both
-at XLA's default options and at the project's (what the train step and ProsPr are compiled with), and
-the count-weighted total of one ResNet-20 pass.
+shape of ResNet-20 alone (forward, input gradient, weight gradient) in both frameworks, in JAX at
+XLA's default options, at the project's compiler options and through the project's kernels (what the
+train step and ProsPr run), and the count-weighted total of one ResNet-20 pass.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
     import prospr_jax as pj
     from prospr_jax import models
     from prospr_jax._src import cpu_options
+    from prospr_jax._src.cpu_conv import cpu_conv_kernels_enabled, with_cpu_conv_kernels
     from prospr_jax.train import RECIPES, Trainer
 
     model = models.get("resnet20", num_classes=10)
@@ -176,11 +179,14 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), o, stats, loss
 
-    # The project's compiler options (those of its train step and ProsPr) for the bare programs too.
-    forward = cpu_options.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False))
-    gradient = cpu_options.jit(jax.grad(loss_fn))
+    # The project's compiler options and convolution kernels (those of its train step and ProsPr) for
+    # the bare programs too.
+    kernels = cpu_conv_kernels_enabled()
+    own = with_cpu_conv_kernels if kernels else (lambda f: f)
+    forward = cpu_options.jit(own(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)))
+    gradient = cpu_options.jit(jax.grad(own(loss_fn)))
     tangent = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.01), params)
-    hvp = cpu_options.jit(lambda p, v, b: jax.jvp(lambda q: jax.grad(loss_fn)(q, b), (p,), (v,))[1])
+    hvp = cpu_options.jit(lambda p, v, b: jax.jvp(lambda q: jax.grad(own(loss_fn))(q, b), (p,), (v,))[1])
 
     def prospr(p, bs):  # jitted inside, with the project's options
         return pj.prospr_scores(loss_fn, p, bs, num_steps=PROSPR_STEPS, lr=LR)
@@ -195,7 +201,7 @@ def _jax_tasks(batch_size: int) -> tuple[dict[str, Callable[[], Any]], dict]:
         "prospr": lambda: block(prospr(params, batches)),
     }
     setup = {"params": params, "batches": batches, "loss": float(loss_fn(params, batch)),
-             "compiler_options": cpu_options.cpu_compiler_options()}
+             "compiler_options": cpu_options.cpu_compiler_options(), "conv_kernels": kernels}
     return tasks, setup
 
 
@@ -306,7 +312,7 @@ def _worker(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
         })
     return {"rows": rows, "jax": jax.__version__, "torch": torch.__version__, "loss": setup["loss"],
-            "compiler_options": setup["compiler_options"]}
+            "compiler_options": setup["compiler_options"], "conv_kernels": setup["conv_kernels"]}
 
 
 # --------------------------------------------------------------------------- per-convolution timings
@@ -321,6 +327,7 @@ def _conv_worker(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     from jax import lax
 
+    from prospr_jax._src.cpu_conv import kernels_available, with_cpu_conv_kernels
     from prospr_jax._src.cpu_options import cpu_compiler_options
     from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
 
@@ -349,6 +356,11 @@ def _conv_worker(args: argparse.Namespace) -> dict:
         fwd_opt = jax.jit(conv, compiler_options=options)
         d_input_opt = jax.jit(d_input_fn, compiler_options=options)
         d_weight_opt = jax.jit(weight_grad, compiler_options=options)
+        # The project's kernels (XLA's convolution where they are unavailable: then equal to "opt").
+        kernel_conv = with_cpu_conv_kernels(conv) if kernels_available() else conv
+        fwd_kern = jax.jit(kernel_conv)
+        d_input_kern = jax.jit(lambda x, w, g: jax.vjp(lambda a: kernel_conv(a, w), x)[1](g)[0])
+        d_weight_kern = jax.jit(lambda x, w, g: jax.vjp(lambda b: kernel_conv(x, b), w)[1](g)[0])
         xt = torch.randn(n, c_in, size, size)
         wt = torch.randn(c_out, c_in, 3, 3) * 0.1
         gt = torch.ones_like(torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1))
@@ -367,6 +379,11 @@ def _conv_worker(args: argparse.Namespace) -> dict:
                             lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)),
             "d_input_opt": (lambda: jax.block_until_ready(d_input_opt(x, w, g)), t_backward([True, False, False])),
             "d_weight_opt": (lambda: jax.block_until_ready(d_weight_opt(x, w, g)), t_backward([False, True, False])),
+            "forward_kern": (lambda: jax.block_until_ready(fwd_kern(x, w)),
+                             lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)),
+            "d_input_kern": (lambda: jax.block_until_ready(d_input_kern(x, w, g)), t_backward([True, False, False])),
+            "d_weight_kern": (lambda: jax.block_until_ready(d_weight_kern(x, w, g)),
+                              t_backward([False, True, False])),
         }
         row = {"shape": f"{size}x{size} {c_in}->{c_out} s{stride}", "count": count}
         for name, (j, t) in pairs.items():
@@ -394,17 +411,19 @@ def _table(rows: list[dict]) -> str:
 
 
 _CONV_COLUMNS = (  # (header, row key)
-    ("fwd JAX", "forward_jax_ms"), ("fwd opt", "forward_opt_jax_ms"), ("fwd PT", "forward_torch_ms"),
-    ("dx JAX", "d_input_jax_ms"), ("dx opt", "d_input_opt_jax_ms"), ("dx PT", "d_input_torch_ms"),
+    ("fwd JAX", "forward_jax_ms"), ("fwd opt", "forward_opt_jax_ms"), ("fwd kern", "forward_kern_jax_ms"),
+    ("fwd PT", "forward_torch_ms"),
+    ("dx JAX", "d_input_jax_ms"), ("dx opt", "d_input_opt_jax_ms"), ("dx kern", "d_input_kern_jax_ms"),
+    ("dx PT", "d_input_torch_ms"),
     ("dw JAX", "d_weight_jax_ms"), ("dw opt", "d_weight_opt_jax_ms"), ("dw dots", "d_weight_dots_jax_ms"),
-    ("dw PT", "d_weight_torch_ms"),
+    ("dw kern", "d_weight_kern_jax_ms"), ("dw PT", "d_weight_torch_ms"),
 )
 
 
 def _conv_table(result: dict) -> str:
     head = (f"{'conv (count)':<22} " + " ".join(f"{h:>8}" for h, _ in _CONV_COLUMNS)
             + f"   (ms, {result['threads']} thread(s); JAX: XLA defaults, opt: the project's compiler options, "
-            "dots: window matmuls)")
+            "dots: window matmuls, kern: the project's kernels)")
     lines = [head, "-" * len(head)]
     for r in result["conv_rows"]:
         lines.append(f"{r['shape'] + ' (' + str(r['count']) + ')':<22} "
@@ -456,7 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             print(f"jax {result['jax']}, torch {result['torch']}; ResNet-20, batch {args.batch_size}, "
                   f"float32, medians of {args.repeats} interleaved repetitions; project compiler options "
-                  f"{result['compiler_options']}", flush=True)
+                  f"{result['compiler_options']}; project convolution kernels "
+                  f"{'on' if result['conv_kernels'] else 'off (XLA convolutions)'}", flush=True)
             print(_table(result["rows"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,6 +19,7 @@ runner) needs the ``experiments`` extra: ``pip install "prospr-jax[experiments]"
 load on first use.
 """
 
+from prospr_jax._src.cpu_conv import set_cpu_conv_kernels, with_cpu_conv_kernels
 from prospr_jax._src.jaxpr.forward_order import forward_order
 from prospr_jax._src.losses import classifier_loss, classifier_loss_fn, cross_entropy, flax_apply_fn
 from prospr_jax._src.masks import (
@@ -89,8 +90,10 @@ __all__ = [
     "rank_below_kept",
     "scores_on_prunable",
     "select_prunable",
+    "set_cpu_conv_kernels",
     "set_masks",
     "snip_scores",
     "sparsity_report",
     "stack_batches",
+    "with_cpu_conv_kernels",
 ]

@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 
 from prospr_jax import apply_masks, check_masks, cross_entropy, masked_optimizer, masks_of
 from prospr_jax._src import cpu_options
+from prospr_jax._src.cpu_conv import cpu_conv_kernels_enabled, with_cpu_conv_kernels
 from prospr_jax._src.sharding import batch_sharding, process_rows, replicate, replicated, shard_batch
 from prospr_jax._src.tree import PyTree
 from prospr_jax._src.validate import check_int
@@ -266,6 +267,7 @@ class Trainer:
     schedule: optax.Schedule = dataclasses.field(init=False, repr=False)
     train_step: Callable[..., Any] = dataclasses.field(init=False, repr=False)
     eval_step: Callable[..., Any] = dataclasses.field(init=False, repr=False)
+    conv_kernels: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
@@ -273,6 +275,9 @@ class Trainer:
         _check_positive_int(self.steps_per_epoch, "steps_per_epoch")
         object.__setattr__(self, "optimizer", make_optimizer(self.recipe, self.steps_per_epoch))
         object.__setattr__(self, "schedule", make_schedule(self.recipe, self.steps_per_epoch))
+        # The project's CPU convolution kernels (prospr_jax._src.cpu_conv) on one device; a sharded step
+        # keeps XLA's convolutions, which its partitioner splits over the devices.
+        object.__setattr__(self, "conv_kernels", self.mesh is None and cpu_conv_kernels_enabled())
         if self.mesh is None:
             train_step, eval_step = cpu_options.jit(self._train_step), cpu_options.jit(self._eval_step)
         else:
@@ -338,6 +343,8 @@ class Trainer:
             loss = cross_entropy(logits, labels)
             return loss, (logits, new_stats)
 
+        if self.conv_kernels:
+            loss_fn = with_cpu_conv_kernels(loss_fn)
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = masked_optimizer(self.optimizer, masks).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -351,9 +358,13 @@ class Trainer:
 
     def _eval_step(self, state: TrainState, batch: Batch) -> dict:
         masks = masks_of(state.opt_state)
-        logits, _ = _logits_and_stats(
-            self.model, apply_masks(state.params, masks), state.batch_stats, batch["image"], train=False
-        )
+
+        def forward(params, batch_stats, images):
+            return _logits_and_stats(self.model, params, batch_stats, images, train=False)[0]
+
+        if self.conv_kernels:
+            forward = with_cpu_conv_kernels(forward)
+        logits = forward(apply_masks(state.params, masks), state.batch_stats, batch["image"])
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         labels = batch["label"]
         weight = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)

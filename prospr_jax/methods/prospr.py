@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prospr_jax._src import cpu_options
+from prospr_jax._src.cpu_conv import cpu_conv_kernels_enabled, with_cpu_conv_kernels
 from prospr_jax._src.jaxpr.canonical_convs import canonicalize_convs
 from prospr_jax._src.losses import LossFn
 from prospr_jax._src.masks import scores_on_prunable
@@ -282,8 +283,11 @@ def _meta_gradient_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: 
     return a
 
 
-def _meta_gradient_program(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static) -> PyTree:
+def _meta_gradient_program(loss_fn: LossFn, params: PyTree, batches: PyTree, hyper: tuple, static: _Static,
+                           conv_kernels: bool = False) -> PyTree:
     compute = _meta_gradient_unrolled if static.implementation == "unrolled" else _meta_gradient_hvp
+    if conv_kernels:  # the loss's convolutions through the project's CPU kernels, before differentiating
+        loss_fn = with_cpu_conv_kernels(loss_fn)
     # Convolutions inside the scans in the layout XLA runs fast in loop bodies (see canonical_convs).
     return canonicalize_convs(functools.partial(compute, loss_fn, st=static))(params, batches, hyper)
 
@@ -291,7 +295,7 @@ def _meta_gradient_program(loss_fn: LossFn, params: PyTree, batches: PyTree, hyp
 @functools.cache
 def _meta_gradient_jit() -> Any:
     # Built at the first call, when the backend (and so the CPU compiler options) is known.
-    return cpu_options.jit(_meta_gradient_program, static_argnames=("loss_fn", "static"))
+    return cpu_options.jit(_meta_gradient_program, static_argnames=("loss_fn", "static", "conv_kernels"))
 
 
 def meta_gradient(
@@ -324,7 +328,8 @@ def meta_gradient(
     check_batches(batches, o.num_steps, o.single_batch, o.micro_batches)
     static = _Static(o.num_steps, o.use_momentum, o.first_order, o.detach_first_buffer, o.single_batch,
                      o.implementation, o.remat, o.micro_batches)
-    return _meta_gradient_jit()(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static)
+    return _meta_gradient_jit()(loss_fn, params, batches, (o.lr, o.momentum, o.weight_decay), static=static,
+                                conv_kernels=cpu_conv_kernels_enabled())
 
 
 def prospr_scores(

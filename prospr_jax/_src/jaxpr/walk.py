@@ -27,10 +27,9 @@ from prospr_jax._src.tree import PyTree
 # Primitives that call a sub-jaxpr once with (a suffix of) their operands and return its results.
 # Custom-derivative calls are inlined to their primal computation: walkers read or re-evaluate the
 # forward program, and the convolution rewrite is applied to already differentiated functions.
-CALL_PRIMITIVES = frozenset({
-    "pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin",
-})
+CUSTOM_DERIVATIVE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
+CALL_PRIMITIVES = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}) | \
+    CUSTOM_DERIVATIVE_PRIMITIVES
 
 Visit = Callable[[Any, list], Sequence[Any]]
 
@@ -59,11 +58,12 @@ def sub_jaxprs(eqn: Any) -> list[Any]:
     return found
 
 
-def call_body(eqn: Any) -> Optional[tuple[Any, list, int]]:
-    """``(jaxpr, consts, skip)`` when ``eqn`` is a call to inline: its body is called with the operands
-    after the first ``skip`` ones (a custom VJP passes its rule's residual inputs first) and returns
-    exactly the equation's results. ``None`` for every other equation."""
-    if eqn.primitive.name not in CALL_PRIMITIVES:
+def call_body(eqn: Any, inline: frozenset = CALL_PRIMITIVES) -> Optional[tuple[Any, list, int]]:
+    """``(jaxpr, consts, skip)`` when ``eqn`` is a call to inline (a primitive named in ``inline``): its
+    body is called with the operands after the first ``skip`` ones (a custom VJP passes its rule's
+    residual inputs first) and returns exactly the equation's results. ``None`` for every other
+    equation."""
+    if eqn.primitive.name not in inline:
         return None
     bodies = []
     for value in eqn.params.values():
@@ -88,6 +88,7 @@ def walk(
     *,
     literal: Callable[[Any], Any] = lambda value: value,
     const: Callable[[Any], Any] = lambda value: value,
+    inline: frozenset = CALL_PRIMITIVES,
 ) -> list[Any]:
     """Evaluate ``jaxpr`` in the value domain of ``visit``.
 
@@ -99,6 +100,8 @@ def walk(
         (``outvals`` has one value per ``eqn.outvars``).
       literal: maps the Python/numpy value of a literal operand into the domain.
       const: maps the value of an inlined call's closed-over constant into the domain.
+      inline: the call primitives whose bodies are walked (default :data:`CALL_PRIMITIVES`); other
+        calls are handed to ``visit`` like any equation.
 
     Returns:
       The values of ``jaxpr.outvars``.
@@ -112,10 +115,11 @@ def walk(
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        body = call_body(eqn)
+        body = call_body(eqn, inline)
         if body is not None:
             sub, sub_consts, skip = body
-            outvals = walk(sub, [const(c) for c in sub_consts], invals[skip:], visit, literal=literal, const=const)
+            outvals = walk(sub, [const(c) for c in sub_consts], invals[skip:], visit, literal=literal, const=const,
+                           inline=inline)
         else:
             outvals = visit(eqn, invals)
         for var, val in zip(eqn.outvars, outvals):
@@ -124,4 +128,4 @@ def walk(
     return [read(v) for v in jaxpr.outvars]
 
 
-__all__ = ["CALL_PRIMITIVES", "abstract", "abstract_var", "call_body", "sub_jaxprs", "walk"]
+__all__ = ["CALL_PRIMITIVES", "CUSTOM_DERIVATIVE_PRIMITIVES", "abstract", "abstract_var", "call_body", "sub_jaxprs", "walk"]
