@@ -31,7 +31,10 @@ differentiated program is passed through the convolution rewrite (``prospr_jax._
 computes every convolution in channels-last layout: XLA's CPU compiler otherwise runs the
 convolutions of autodiff inside loop bodies in a slow generic form (about 30x slower on ResNet-20).
 On CPU it is compiled with :func:`prospr_jax._src.cpu_options.cpu_compiler_options` (convolutions
-kept out of YNNPACK, whose weight-gradient convolutions are slow).
+kept out of YNNPACK, whose weight-gradient convolutions are slow), and the loss's convolutions run
+through the project's own kernels (:mod:`prospr_jax._src.cpu_conv`: the loss is rewritten before it
+is differentiated, so every convolution of the meta-gradient, of any derivative order, is a kernel
+call) unless they are switched off.
 """
 
 from __future__ import annotations
