@@ -114,6 +114,20 @@ def test_derivatives_of_every_order_equal_xlas_and_use_only_the_kernels():
         assert counts["conv_general_dilated"] == 0 and counts["prospr_conv2d"] >= 2
 
 
+def test_keyword_arguments_and_pytree_outputs_pass_through():
+    params = _cnn_params(jax.random.key(10))
+    x = jax.random.normal(jax.random.key(11), (2, 8, 8, 3))
+
+    def f(p, *, images):
+        return {"loss": _cnn(p, images), "twice": (2 * _cnn(p, images),)}
+
+    got = jax.jit(with_cpu_conv_kernels(f))(params, images=x)
+    expected = f(params, images=x)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+        _close(b, a, rtol=1e-5)
+
+
 def test_vmap_falls_back_to_a_correct_convolution():
     params = _cnn_params(jax.random.key(4))
     xs = jax.random.normal(jax.random.key(5), (3, 2, 8, 8, 3))

@@ -131,9 +131,9 @@ def with_cpu_conv_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(fn)
-    def wrapped(*args: Any) -> Any:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        out = _evaluate(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves(args))
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
+        out = _evaluate(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves((args, kwargs)))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
     return wrapped
