@@ -86,7 +86,15 @@ def _compile(compiler: str, include: str) -> pathlib.Path:
 
 @functools.cache
 def _load() -> Optional[str]:
-    """Registers the kernels with XLA; ``None`` on success, else why not."""
+    """Registers the kernels with XLA; ``None`` on success, else why not (said once, as a warning)."""
+    why = _register()
+    if why is not None:
+        warnings.warn(f"prospr_jax: CPU convolution kernels unavailable, using XLA's convolutions ({why})",
+                      stacklevel=4)
+    return why
+
+
+def _register() -> Optional[str]:
     try:
         import jax
         import jax.ffi
@@ -106,19 +114,7 @@ def _load() -> Optional[str]:
 
 def kernels_available() -> bool:
     """Whether the kernels are compiled and registered (compiles them at the first call)."""
-    why = _load()
-    if why is not None and not _warned:
-        _warn(why)
-    return why is None
-
-
-_warned = False
-
-
-def _warn(why: str) -> None:
-    global _warned
-    _warned = True
-    warnings.warn(f"prospr_jax: CPU convolution kernels unavailable, using XLA's convolutions ({why})", stacklevel=3)
+    return _load() is None
 
 
 __all__ = ["SOURCE", "TARGETS", "cache_dir", "kernels_available"]

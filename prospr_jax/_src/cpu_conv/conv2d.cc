@@ -125,7 +125,7 @@ void fill_rows(const float* x, const Geometry& g, int64_t n, int64_t oh, float* 
   }
 }
 
-// Forward block: R output columns from ow0, OB groups of 8 output channels from o8 (in floats).
+// Forward block: R output columns from ow0, OB vectors of L output channels from o8 (in floats).
 // kp: packed kernel [kh][kw * c][opad].
 template <int R, int OB>
 inline void forward_block(const float* buf, const bool* valid, const float* kp, const Geometry& g,
@@ -266,7 +266,7 @@ void kernel_grad_tap(const float* const* xrows, const float* const* grows, int64
 // Kernel-gradient block for stride-1 rows and 3 columns of taps at once: channels c0 .. c0 + R, one
 // vector of output channels from o8, the three taps (kh, 0..2). An input value at buffer column p
 // meets the output gradient of pixel p - kw at tap kw, so each broadcast feeds three multiply-adds.
-// grows[i] is padded with two zero vectors on either side (grow_pad points at pixel 0).
+// grows[i] points at pixel 0 of a row padded with two zero vectors on either side.
 template <int R>
 inline void kernel_grad_block3(const float* const* xrows, const float* const* grows, int64_t group,
                                const Geometry& g, int64_t opad, int64_t c0, int64_t o8, float* acc_mem) {
@@ -341,25 +341,25 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         for (int64_t j = 0; j < g.ow; ++j) std::memcpy(dst + j * opad, src + j * o, sizeof(float) * o);
         grows[i] = dst;
       }
-      if (three_taps) {
-        for (int64_t r = 0; r < g.kh; ++r) {
-          for (int64_t i = 0; i < group; ++i) {
-            xrows[i] = valid_store[i * g.kh + r] ? buf.data() + i * row_floats + r * bw * g.c : nullptr;
-          }
+      // xrows[i]: row i's input buffer at tap (r, q), nullptr where that input row is zero.
+      auto point_rows = [&](int64_t r, int64_t q) {
+        for (int64_t i = 0; i < group; ++i) {
+          xrows[i] = valid_store[i * g.kh + r] ? buf.data() + i * row_floats + (r * bw + q) * g.c : nullptr;
+        }
+      };
+      for (int64_t r = 0; r < g.kh; ++r) {
+        if (three_taps) {
+          point_rows(r, 0);
           float* acc_row = acc + r * g.kw * g.c * opad;
           for (int64_t o8 = 0; o8 < opad; o8 += L) {
             blocks_of<kThreeTapWidth>(g.c, [&](int64_t c0, auto w) {
               kernel_grad_block3<decltype(w)::value>(xrows.data(), grows.data(), group, g, opad, c0, o8, acc_row);
             });
           }
+          continue;
         }
-        continue;
-      }
-      for (int64_t r = 0; r < g.kh; ++r) {
         for (int64_t q = 0; q < g.kw; ++q) {
-          for (int64_t i = 0; i < group; ++i) {
-            xrows[i] = valid_store[i * g.kh + r] ? buf.data() + i * row_floats + (r * bw + q) * g.c : nullptr;
-          }
+          point_rows(r, q);
           float* acc_tap = acc + (r * g.kw + q) * g.c * opad;
           int64_t o8 = 0;
           for (; o8 + 2 * L <= opad; o8 += 2 * L)

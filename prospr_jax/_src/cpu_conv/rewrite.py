@@ -19,7 +19,6 @@ when they compile (:mod:`.build`), unless ``PROSPR_JAX_CPU_CONV_KERNELS=0`` or
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 
 from prospr_jax._src.cpu_conv.build import kernels_available
 from prospr_jax._src.cpu_conv.primitives import conv2d_p
-from prospr_jax._src.jaxpr.walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, abstract_var, walk
+from prospr_jax._src.jaxpr.walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, reevaluated, retrace_params, walk
 
 ENV_VAR = "PROSPR_JAX_CPU_CONV_KERNELS"
 _REMAT = frozenset({"remat", "remat2", "checkpoint"})
@@ -80,20 +79,6 @@ def _is_supported(eqn: Any) -> bool:
     )
 
 
-def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
-    return jax.make_jaxpr(functools.partial(_evaluate, closed.jaxpr, closed.consts))(
-        *[abstract_var(v) for v in closed.jaxpr.invars]
-    )
-
-
-def _rewrite_param(value: Any) -> Any:
-    if isinstance(value, jex.ClosedJaxpr):
-        return _rewrite_closed(value)
-    if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
-        return tuple(_rewrite_closed(v) for v in value)
-    return value
-
-
 def _visit(eqn: Any, invals: list) -> list:
     name = eqn.primitive.name
     if name == "conv_general_dilated" and _is_supported(eqn):
@@ -108,7 +93,7 @@ def _visit(eqn: Any, invals: list) -> list:
     if name in CUSTOM_DERIVATIVE_PRIMITIVES:
         out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     else:  # loop and conditional bodies are rewritten too
-        out = eqn.primitive.bind(*invals, **{k: _rewrite_param(v) for k, v in eqn.params.items()})
+        out = eqn.primitive.bind(*invals, **retrace_params(eqn.params, _evaluate))
     return out if eqn.primitive.multiple_results else [out]
 
 
@@ -129,14 +114,7 @@ def with_cpu_conv_kernels(fn: Callable[..., Any]) -> Callable[..., Any]:
       where the kernels are unavailable, the primitives compute XLA's convolution: the rewrite is
       always correct, and only on CPU is it faster (README, CPU performance).
     """
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
-        out = _evaluate(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves((args, kwargs)))
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
-
-    return wrapped
+    return reevaluated(fn, _evaluate)
 
 
 __all__ = ["ENV_VAR", "cpu_conv_kernels_enabled", "set_cpu_conv_kernels", "with_cpu_conv_kernels"]

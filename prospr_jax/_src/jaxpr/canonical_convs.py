@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prospr_jax._src.jaxpr.walk import abstract_var, walk
+from prospr_jax._src.jaxpr.walk import reevaluated, retrace_params, walk
 from prospr_jax._src.validate import check_bool
 
 
@@ -130,20 +130,6 @@ def _conv_as_window_dots(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.A
     return lax.transpose(out, tuple(int(i) for i in np.argsort(dn.out_spec)))
 
 
-def _rewrite_closed(closed: jex.ClosedJaxpr, window_dots: bool) -> jex.ClosedJaxpr:
-    return jax.make_jaxpr(functools.partial(_eval, closed.jaxpr, closed.consts, window_dots))(
-        *[abstract_var(v) for v in closed.jaxpr.invars]
-    )
-
-
-def _rewrite_param(value: Any, window_dots: bool) -> Any:
-    if isinstance(value, jex.ClosedJaxpr):
-        return _rewrite_closed(value, window_dots)
-    if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
-        return tuple(_rewrite_closed(v, window_dots) for v in value)
-    return value
-
-
 def _use_window_dots(eqn: Any, window_dots: bool) -> bool:
     if not window_dots:
         return False
@@ -158,12 +144,11 @@ def _visit(window_dots: bool, eqn: Any, invals: list) -> list:
         if not _is_canonical(eqn.params["dimension_numbers"]):
             return [_canonical_conv(*invals, **eqn.params)]
     # Loop and conditional bodies are rewritten too (that is where the slow layouts hurt).
-    params = {k: _rewrite_param(v, window_dots) for k, v in eqn.params.items()}
-    out = eqn.primitive.bind(*invals, **params)
+    out = eqn.primitive.bind(*invals, **retrace_params(eqn.params, functools.partial(_eval, window_dots=window_dots)))
     return out if eqn.primitive.multiple_results else [out]
 
 
-def _eval(jaxpr: jex.Jaxpr, consts: Any, window_dots: bool, *args: Any) -> list[Any]:
+def _eval(jaxpr: jex.Jaxpr, consts: Any, *args: Any, window_dots: bool) -> list[Any]:
     return walk(jaxpr, consts, args, functools.partial(_visit, window_dots))
 
 
@@ -183,11 +168,4 @@ def canonicalize_convs(fn: Callable[..., Any], *, window_dots: bool = False) -> 
     """
     window_dots = check_bool(window_dots, "window_dots")
 
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> Any:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        flat_args = jax.tree_util.tree_leaves(args)
-        out = _eval(closed.jaxpr, closed.consts, window_dots, *flat_args)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
-
-    return wrapped
+    return reevaluated(fn, functools.partial(_eval, window_dots=window_dots))

@@ -16,6 +16,7 @@ same ``visit``), every other equation is handed to ``visit``. Control flow (``sc
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -128,4 +129,38 @@ def walk(
     return [read(v) for v in jaxpr.outvars]
 
 
-__all__ = ["CALL_PRIMITIVES", "CUSTOM_DERIVATIVE_PRIMITIVES", "abstract", "abstract_var", "call_body", "sub_jaxprs", "walk"]
+Evaluate = Callable[..., list]  # evaluate(jaxpr, consts, *args) -> output values
+
+
+def retrace_params(params: dict, evaluate: Evaluate) -> dict:
+    """An equation's parameters with every ``ClosedJaxpr`` in them (a loop's body, a conditional's
+    branches) traced again through ``evaluate`` (a rewriting evaluator); other values unchanged."""
+
+    def retrace(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
+        return jax.make_jaxpr(lambda *args: evaluate(closed.jaxpr, closed.consts, *args))(
+            *[abstract_var(v) for v in closed.jaxpr.invars]
+        )
+
+    def one(value: Any) -> Any:
+        if isinstance(value, jex.ClosedJaxpr):
+            return retrace(value)
+        if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
+            return tuple(retrace(v) for v in value)
+        return value
+
+    return {k: one(v) for k, v in params.items()}
+
+
+def reevaluated(fn: Callable[..., Any], evaluate: Evaluate) -> Callable[..., Any]:
+    """``fn`` traced to a jaxpr at each call and evaluated again by ``evaluate`` (same arguments,
+    keyword arguments included, and same output tree)."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args, **kwargs)
+        out = evaluate(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves((args, kwargs)))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+
+    return functools.wraps(fn)(wrapped)
+
+
+__all__ = ["CALL_PRIMITIVES", "CUSTOM_DERIVATIVE_PRIMITIVES", "reevaluated", "retrace_params", "abstract", "abstract_var", "call_body", "sub_jaxprs", "walk"]
